@@ -1,0 +1,52 @@
+"""m3connect: BGE-M3 dense + sparse + ColBERT behind Milvus, Qdrant and OpenSearch.
+
+>>> import m3connect
+>>> enc = m3connect.M3Encoder("BAAI/bge-m3")                                  # doctest: +SKIP
+>>> store = m3connect.connect("milvus:///tmp/m3.db", collection="docs", encoder=enc)  # doctest: +SKIP
+>>> store.add(["BGE-M3 is multilingual."]); store.search("multilingual model", k=3)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from . import scoring
+from .encoder import DEFAULT_MODEL, M3Encoder
+from .errors import (
+    BackendError,
+    BackendUnavailableError,
+    FilterError,
+    IngestError,
+    InvalidInputError,
+    InvalidTypeError,
+    M3Error,
+    MissingDependencyError,
+    ModelLoadError,
+    SchemaMismatchError,
+)
+from .scoring import Weights
+from .store import M3Store, connect
+from .types import Document, EncodeOutput, Hit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "DEFAULT_MODEL",
+    "M3Encoder",
+    "EncodeOutput",
+    "Hit",
+    "Document",
+    "Weights",
+    "scoring",
+    "connect",
+    "M3Store",
+    "M3Error",
+    "ModelLoadError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "FilterError",
+    "SchemaMismatchError",
+    "BackendUnavailableError",
+    "BackendError",
+    "IngestError",
+    "MissingDependencyError",
+]

@@ -1,0 +1,482 @@
+"""BGE-M3 encoder: dense, sparse and ColBERT outputs from one forward pass.
+
+The encoder knows nothing of databases. Its outputs follow REFERENCE.md
+section 2 exactly, so that in fp32 they match FlagEmbedding's ``BGEM3FlagModel``.
+
+>>> enc = M3Encoder("BAAI/bge-m3", device="cpu")          # doctest: +SKIP
+>>> out = enc.encode(["hello world"])                      # doctest: +SKIP
+>>> out.dense.shape, list(out.sparse[0].items())[:1]        # doctest: +SKIP
+((1, 1024), [(33600, 0.1875)])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import scoring
+from .errors import InvalidInputError, InvalidTypeError, ModelLoadError
+from .types import EncodeOutput
+
+__all__ = ["M3Encoder", "DEFAULT_MODEL"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "BAAI/bge-m3"
+SPARSE_HEAD_FILE = "sparse_linear.pt"
+COLBERT_HEAD_FILE = "colbert_linear.pt"
+DTypeName = Literal["float32", "float16", "bfloat16", "int8"]
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+# Padded tokens per forward pass when the caller gives no batch size. Large enough
+# to keep the matrix kernels busy, small enough that an 8192-token text runs alone.
+_DEFAULT_TOKEN_BUDGET = {"cpu": 16384, "cuda": 65536}
+# Below this many texts the progress bar stays hidden unless asked for.
+_PROGRESS_MIN_TEXTS = 256
+
+
+def _resolve_checkpoint(name_or_path: str | os.PathLike[str], cache_dir: str | None) -> Path:
+    """Return a local directory for a hub id or a path; never guesses weights."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path {name!r} is not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, cache_dir=cache_dir))
+    except Exception as exc:  # the hub raises many types; all mean "not available here"
+        raise ModelLoadError(
+            f"could not fetch model {name!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{exc}). Without hub access, download the model elsewhere and pass its local "
+            f"directory, e.g. --model /models/bge-m3 or M3Encoder('/models/bge-m3')"
+        ) from exc
+
+
+def _load_head(directory: Path, filename: str, in_dim: int, out_dim: int | None) -> torch.nn.Linear:
+    """Load a ``Linear`` head saved as a state dict; a missing or misshapen file is an error."""
+    file = directory / filename
+    if not file.is_file():
+        raise ModelLoadError(
+            f"{file} is missing: a BGE-M3 checkpoint needs {SPARSE_HEAD_FILE} and "
+            f"{COLBERT_HEAD_FILE} beside its weights (m3connect never substitutes random heads)"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelLoadError(f"{file} could not be read: {exc}") from exc
+    weight, bias = state.get("weight"), state.get("bias")
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ModelLoadError(f"{file} has no 2-d 'weight' tensor (keys: {sorted(state)})")
+    rows, cols = weight.shape
+    if cols != in_dim or (out_dim is not None and rows != out_dim):
+        expected = f"[{out_dim if out_dim is not None else 'any'}, {in_dim}]"
+        raise ModelLoadError(
+            f"{file} has weight shape {list(weight.shape)}, expected {expected} for a backbone "
+            f"with hidden size {in_dim}"
+        )
+    if bias is not None and tuple(bias.shape) != (rows,):
+        raise ModelLoadError(f"{file} has bias shape {list(bias.shape)}, expected [{rows}]")
+    head = torch.nn.Linear(in_dim, rows, bias=bias is not None)
+    head.load_state_dict(state)
+    return head
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class M3Encoder:
+    """Loads a BGE-M3 checkpoint and encodes texts into all three representations.
+
+    Args:
+        model_name_or_path: hub id (``"BAAI/bge-m3"``) or a local model directory
+            holding the backbone, tokenizer, ``sparse_linear.pt`` and ``colbert_linear.pt``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when present.
+        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; ``None`` is fp16 on GPU and
+            fp32 on CPU. ``"int8"`` (CPU only) quantises the linear layers dynamically,
+            the fast CPU mode.
+        max_length: default token limit per text (CLS and EOS included), at most 8192.
+        tokens_per_batch: padded-token budget of one forward pass (default per device).
+        show_progress: ``None`` shows a bar for long jobs only; ``False`` never.
+        cache_dir: hub download cache.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: DTypeName | str | None = None,
+        max_length: int = 8192,
+        tokens_per_batch: int | None = None,
+        show_progress: bool | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        self.model_name = str(model_name_or_path)
+        self.device = _pick_device(device)
+        self.dtype_name = self._check_dtype(dtype)
+        self.show_progress = show_progress
+        path = _resolve_checkpoint(model_name_or_path, cache_dir)
+        self.path = path
+
+        try:
+            config = AutoConfig.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:
+            raise ModelLoadError(f"{path} is not a loadable model directory: {exc}") from exc
+        kwargs: dict[str, Any] = {"output_loading_info": True, "attn_implementation": "sdpa"}
+        if config.model_type in {"xlm-roberta", "roberta", "bert"}:
+            kwargs["add_pooling_layer"] = False  # the pooler is never used; skip its matmul
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the unused pooler is reported as "unexpected"
+        try:
+            backbone, info = AutoModel.from_pretrained(path, **kwargs)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load the backbone weights in {path}: {exc}") from exc
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
+        if missing:
+            raise ModelLoadError(
+                f"the weights in {path} lack {len(missing)} backbone tensors (e.g. {missing[:3]}); "
+                "refusing to fill them with random values"
+            )
+        hidden = int(config.hidden_size)
+        sparse_head = _load_head(path, SPARSE_HEAD_FILE, hidden, 1)
+        colbert_head = _load_head(path, COLBERT_HEAD_FILE, hidden, None)
+
+        self.config = config
+        self.hidden_size = hidden
+        self.colbert_dim = colbert_head.out_features
+        self.vocab_size = int(config.vocab_size)
+        limit = int(getattr(config, "max_position_embeddings", 514)) - 2  # RoBERTa offsets positions by 2
+        self.model_max_length = limit
+        if not 2 <= max_length <= limit:
+            raise InvalidInputError(f"max_length must be in [2, {limit}] for this model, got {max_length}")
+        self.max_length = max_length
+        self.tokens_per_batch = tokens_per_batch or _DEFAULT_TOKEN_BUDGET.get(
+            self.device.type, _DEFAULT_TOKEN_BUDGET["cpu"]
+        )
+        self._special_ids = np.array(
+            sorted(
+                {
+                    i
+                    for i in (
+                        self.tokenizer.cls_token_id,
+                        self.tokenizer.eos_token_id,
+                        self.tokenizer.pad_token_id,
+                        self.tokenizer.unk_token_id,
+                    )
+                    if i is not None
+                }
+            ),
+            dtype=np.int64,
+        )
+        self.fingerprint = self._fingerprint(path, config)
+
+        self._backbone = backbone.eval()
+        self._sparse_head = sparse_head.eval()
+        self._colbert_head = colbert_head.eval()
+        self._place_modules()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _check_dtype(self, dtype: str | None) -> str:
+        if dtype is None:
+            return "float16" if self.device.type == "cuda" else "float32"
+        name = str(dtype).replace("torch.", "")
+        if name == "int8":
+            if self.device.type != "cpu":
+                raise InvalidInputError("dtype='int8' (dynamic quantisation) runs on CPU only")
+            return name
+        if name not in _DTYPES:
+            raise InvalidInputError(
+                f"dtype must be one of float32, float16, bfloat16, int8; got {dtype!r}"
+            )
+        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
+
+    def _place_modules(self) -> None:
+        modules = (self._backbone, self._sparse_head, self._colbert_head)
+        if self.dtype_name == "int8":
+            from torch.ao.quantization import quantize_dynamic
+
+            self._backbone = quantize_dynamic(self._backbone, {torch.nn.Linear}, dtype=torch.qint8)
+            self._colbert_head = quantize_dynamic(
+                torch.nn.Sequential(self._colbert_head), {torch.nn.Linear}, dtype=torch.qint8
+            )
+            return
+        dtype = _DTYPES[self.dtype_name]
+        for module in modules:
+            module.to(device=self.device, dtype=dtype)
+
+    @staticmethod
+    def _fingerprint(path: Path, config: Any) -> str:
+        """Short id of the weights: a store refuses to mix vectors of two models."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+        for name in (SPARSE_HEAD_FILE, COLBERT_HEAD_FILE):
+            digest.update((path / name).read_bytes())
+        return digest.hexdigest()[:16]
+
+    @property
+    def dense_dim(self) -> int:
+        """Length of the dense vector (the backbone's hidden size)."""
+        return self.hidden_size
+
+    @property
+    def compute_dtype(self) -> str:
+        """The precision the forward pass runs in."""
+        return self.dtype_name
+
+    # -- tokens -----------------------------------------------------------------------------
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary entry of a token id."""
+        return str(self.tokenizer.convert_ids_to_tokens(int(token_id)))
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a vocabulary entry (the unk id when it is unknown)."""
+        return int(self.tokenizer.convert_tokens_to_ids(token))
+
+    def convert_id_to_token(self, lexical_weights: dict[int, float]) -> dict[str, float]:
+        """Readable lexical weights: ``{decoded token: weight}``, like FlagEmbedding's."""
+        return {self.tokenizer.decode([int(i)]): w for i, w in lexical_weights.items()}
+
+    def _tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], list[int]]:
+        """Token ids per text, truncated to ``max_length``; also the indices that were cut."""
+        # One extra token tells truncated texts apart without a second tokenisation.
+        enc = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=max_length + 1,
+            add_special_tokens=True,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        eos = self.tokenizer.eos_token_id
+        ids: list[list[int]] = enc["input_ids"]
+        truncated: list[int] = []
+        for i, row in enumerate(ids):
+            if len(row) > max_length:
+                ids[i] = row[: max_length - 1] + [eos]
+                truncated.append(i)
+        return ids, truncated
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_texts(texts: Any) -> list[str]:
+        if isinstance(texts, str):
+            raise InvalidTypeError("encode() takes a list of strings, not a single string; wrap it: [text]")
+        try:
+            items = list(texts)
+        except TypeError as exc:
+            raise InvalidTypeError(f"texts must be a list of strings, got {type(texts).__name__}") from exc
+        for i, item in enumerate(items):
+            if not isinstance(item, str):
+                raise InvalidTypeError(f"texts[{i}] is {type(item).__name__}, not str")
+        return items
+
+    def _batches(self, lengths: np.ndarray, order: np.ndarray, batch_size: int | None) -> Iterator[np.ndarray]:
+        """Cut length-sorted indices into batches by a padded-token budget."""
+        start = 0
+        n = len(order)
+        while start < n:
+            longest = int(lengths[order[start]])
+            count = max(1, self.tokens_per_batch // max(longest, 1))
+            if batch_size:
+                count = min(count, batch_size)
+            yield order[start : start + count]
+            start += count
+
+    @torch.inference_mode()
+    def _forward(
+        self, rows: list[list[int]], want_dense: bool, want_sparse: bool, want_colbert: bool
+    ) -> tuple[np.ndarray | None, list[dict[int, float]] | None, list[np.ndarray] | None]:
+        """Encode one padded batch and post-process it on the host, vectorised."""
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        width = int(lengths.max())
+        ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+        mask_np = np.arange(width)[None, :] < lengths[:, None]
+        input_ids = torch.from_numpy(ids).to(self.device)
+        mask = torch.from_numpy(mask_np.astype(np.int64)).to(self.device)
+        hidden = self._backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+
+        dense = sparse = colbert = None
+        if want_dense:
+            dense = torch.nn.functional.normalize(hidden[:, 0], dim=-1).float().cpu().numpy()
+        if want_sparse:
+            weights = torch.relu(self._sparse_head(hidden)).squeeze(-1).float().cpu().numpy()
+            sparse = self._lexical_weights(ids, mask_np, weights)
+        if want_colbert:
+            vecs = self._colbert_head(hidden[:, 1:]) * mask[:, 1:, None].to(hidden.dtype)
+            vecs = torch.nn.functional.normalize(vecs, dim=-1).float().cpu().numpy()
+            colbert = [vecs[i, : lengths[i] - 1] for i in range(len(rows))]
+        return dense, sparse, colbert
+
+    def _lexical_weights(self, ids: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> list[dict[int, float]]:
+        """``{token_id: max weight}`` per row, special tokens and non-positive weights dropped."""
+        keep = mask & (weights > 0) & ~np.isin(ids, self._special_ids)
+        rows, cols = np.nonzero(keep)
+        tok = ids[rows, cols]
+        w = weights[rows, cols]
+        # Sort by (row, token, -weight) so the first entry of each (row, token) run is its max.
+        order = np.lexsort((-w, tok, rows))
+        rows, tok, w = rows[order], tok[order], w[order]
+        first = np.ones(len(rows), dtype=bool)
+        first[1:] = (rows[1:] != rows[:-1]) | (tok[1:] != tok[:-1])
+        rows, tok, w = rows[first], tok[first], w[first]
+        bounds = np.searchsorted(rows, np.arange(ids.shape[0] + 1))
+        tok_list, w_list = tok.tolist(), w.tolist()
+        return [
+            dict(zip(tok_list[bounds[i] : bounds[i + 1]], w_list[bounds[i] : bounds[i + 1]]))
+            for i in range(ids.shape[0])
+        ]
+
+    def _forward_resilient(
+        self, rows: list[list[int]], flags: tuple[bool, bool, bool]
+    ) -> list[tuple[np.ndarray | None, dict[int, float] | None, np.ndarray | None]]:
+        """Run a batch; on GPU out-of-memory split it in two and retry just this batch."""
+        try:
+            dense, sparse, colbert = self._forward(rows, *flags)
+        except torch.cuda.OutOfMemoryError:
+            if len(rows) == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.tokens_per_batch = max(1, self.tokens_per_batch // 2)
+            logger.warning("GPU out of memory; token budget lowered to %d", self.tokens_per_batch)
+            half = len(rows) // 2
+            return self._forward_resilient(rows[:half], flags) + self._forward_resilient(rows[half:], flags)
+        return [
+            (
+                None if dense is None else dense[i],
+                None if sparse is None else sparse[i],
+                None if colbert is None else colbert[i],
+            )
+            for i in range(len(rows))
+        ]
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        return_dense: bool = True,
+        return_sparse: bool = True,
+        return_colbert: bool = True,
+        show_progress: bool | None = None,
+    ) -> EncodeOutput:
+        """Encode texts into dense, sparse and ColBERT representations in one pass.
+
+        Args:
+            texts: strings; an empty string is valid, a non-string is a ``TypeError``.
+            batch_size: cap on texts per forward pass (the token budget still applies).
+            max_length: token limit per text; longer texts are truncated and listed in
+                ``EncodeOutput.truncated``.
+            return_dense / return_sparse / return_colbert: skip what you do not need.
+            show_progress: overrides the encoder's progress setting.
+        """
+        items = self._check_texts(texts)
+        max_len = self.max_length if max_length is None else int(max_length)
+        if not 2 <= max_len <= self.model_max_length:
+            raise InvalidInputError(f"max_length must be in [2, {self.model_max_length}], got {max_len}")
+        if batch_size is not None and batch_size < 1:
+            raise InvalidInputError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(items)
+        flags = (return_dense, return_sparse, return_colbert)
+        if n == 0:
+            return EncodeOutput(
+                dense=np.zeros((0, self.dense_dim), np.float32) if return_dense else None,
+                sparse=[] if return_sparse else None,
+                colbert=[] if return_colbert else None,
+            )
+        ids, truncated = self._tokenize(items, max_len)
+        lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
+        order = np.argsort(-lengths, kind="stable")
+        results: list[Any] = [None] * n
+        progress = show_progress if show_progress is not None else self.show_progress
+        bar = tqdm(
+            total=n,
+            desc="Encoding",
+            unit="text",
+            disable=(progress is False) or (progress is None and n < _PROGRESS_MIN_TEXTS),
+        )
+        with bar:
+            for batch in self._batches(lengths, order, batch_size):
+                outs = self._forward_resilient([ids[i] for i in batch], flags)
+                for i, out in zip(batch.tolist(), outs):
+                    results[i] = out
+                bar.update(len(batch))
+        return EncodeOutput(
+            dense=np.stack([r[0] for r in results]).astype(np.float32, copy=False) if return_dense else None,
+            sparse=[r[1] for r in results] if return_sparse else None,
+            colbert=[r[2] for r in results] if return_colbert else None,
+            num_tokens=lengths.tolist(),
+            truncated=truncated,
+        )
+
+    def encode_one(self, text: str, *, max_length: int | None = None) -> dict[str, Any]:
+        """All three representations of a single text (e.g. a query) as a dict."""
+        return self.encode([text], max_length=max_length, show_progress=False).item(0)
+
+    def compute_score(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        weights: Sequence[float] = (1.0, 1.0, 1.0),
+        *,
+        max_query_length: int = 512,
+        max_passage_length: int = 512,
+        batch_size: int | None = None,
+    ) -> dict[str, list[float]]:
+        """Score ``(query, passage)`` pairs like FlagEmbedding's ``compute_score``.
+
+        Returns lists under ``"dense"``, ``"sparse"``, ``"colbert"``, ``"sparse+dense"`` and
+        ``"colbert+sparse+dense"``. ``weights`` are ``(dense, sparse, colbert)``.
+        """
+        w = scoring.validate_weights(weights)
+        pair_list = list(pairs)
+        for i, pair in enumerate(pair_list):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise InvalidTypeError(f"pairs[{i}] must be a (query, passage) pair, got {pair!r}")
+        queries = self.encode([p[0] for p in pair_list], max_length=max_query_length, batch_size=batch_size)
+        passages = self.encode([p[1] for p in pair_list], max_length=max_passage_length, batch_size=batch_size)
+        keys = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+        out: dict[str, list[float]] = {k: [] for k in keys}
+        for i in range(len(pair_list)):
+            s = scoring.pair_scores(queries.item(i), passages.item(i))
+            for route in scoring.ROUTES:
+                out[route].append(s[route])
+            pair_weight = w.sparse + w.dense
+            # Like the reference, "sparse+dense" is undefined (nan) when both weights are 0.
+            out["sparse+dense"].append(
+                (w.sparse * s["sparse"] + w.dense * s["dense"]) / pair_weight if pair_weight > 0 else float("nan")
+            )
+            out["colbert+sparse+dense"].append(scoring.combine(s, w))
+        return out

@@ -1,0 +1,2 @@
+M3Store = None
+connect = None
