@@ -41,6 +41,10 @@ META_COLLECTION = "m3connect_meta"
 MAX_ID_LENGTH = 512
 MAX_TEXT_BYTES = 65535
 _QUERY_WINDOW = 16384  # Milvus caps offset+limit of one query/search at 16384
+# Milvus refuses a sparse vector without a non-zero weight. An empty one (a text whose
+# tokens all got weight 0) is stored as this placeholder on token 0, the CLS id, which
+# the encoder always drops from real lexical weights, so it can never score.
+_EMPTY_SPARSE = {0: 1e-30}
 _OP = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 
 
@@ -182,9 +186,7 @@ class MilvusAdapter(Adapter):
             rows.append({
                 "id": r.id, "text": r.text, "metadata": r.metadata, "n_tokens": int(r.colbert.shape[0]),
                 "dense": r.dense.astype(np.float32).tolist(),
-                # An empty sparse vector is refused; a zero weight on token 0 (CLS, never a
-                # real lexical weight) keeps the row valid and scores 0.
-                "sparse": {int(k): float(v) for k, v in r.sparse.items()} or {0: 0.0},
+                "sparse": {int(k): float(v) for k, v in r.sparse.items()} or _EMPTY_SPARSE,
             })
             for pos, vec in enumerate(r.colbert):
                 token_rows.append({"key": f"{r.id}#{pos}", "doc_id": r.id, "pos": pos, "vec": self._colbert_value(vec)})
@@ -228,7 +230,8 @@ class MilvusAdapter(Adapter):
                 rec = Record(id=row["id"], text=row["text"], metadata=dict(row["metadata"] or {}))
                 if with_vectors:
                     rec.dense = np.asarray(row["dense"], np.float32)
-                    rec.sparse = {int(k): float(v) for k, v in dict(row["sparse"]).items() if v != 0.0}
+                    sparse = {int(k): float(v) for k, v in dict(row["sparse"]).items()}
+                    rec.sparse = {} if sparse.keys() == _EMPTY_SPARSE.keys() and sparse[0] < 1e-20 else sparse
                     rec.colbert = np.zeros((int(row["n_tokens"]), 0), np.float32)  # filled below
                 out[rec.id] = rec
         if with_vectors and out:

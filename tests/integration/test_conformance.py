@@ -1,0 +1,226 @@
+"""One test body, every engine: the backend conformance suite.
+
+Each engine must give the same answers as the exact scoring module on a small
+corpus, where the candidate depth covers every document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import m3connect
+from m3connect import scoring
+from m3connect.filters import matches, parse_filter
+from m3connect.testing import make_tiny_checkpoint, sample_corpus
+
+pytestmark = pytest.mark.integration
+
+DOCS = sample_corpus()
+TEXTS = [d["text"] for d in DOCS]
+IDS = [d["id"] for d in DOCS]
+META = [
+    {"lang": d["lang"], "topic": d["topic"], "rank": i, "score": i / 4, "even": i % 2 == 0, "quote": 'say "hi" \\ o\'k'}
+    for i, d in enumerate(DOCS)
+]
+WEIGHTS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0.4, 0.2, 0.4), (1, 0.3, 1)]
+QUERIES = ["hybrid search", "dense sparse vectors", "Модель", "向量数据库", "bread oven"]
+
+
+@pytest.fixture
+def filled(store_factory):
+    store = store_factory()
+    ids = store.add(TEXTS, ids=IDS, metadata=META)
+    assert ids == IDS
+    return store
+
+
+def brute_force(encoder: m3connect.M3Encoder, query: str, weights: Any, flt: Any = None) -> list[tuple[str, float]]:
+    """Rank the whole corpus by the scoring module."""
+    reps = encoder.encode(TEXTS)
+    q = encoder.encode_one(query)
+    node = parse_filter(flt)
+    ranked = []
+    for i, rid in enumerate(IDS):
+        if matches(node, META[i]):
+            ranked.append((rid, scoring.combine(scoring.pair_scores(q, reps.item(i)), weights)))
+    return sorted(ranked, key=lambda t: (-t[1], t[0]))
+
+
+def test_add_count_get(filled) -> None:
+    assert filled.count() == len(DOCS)
+    got = filled.get([IDS[3], "missing", IDS[0]])
+    assert [d.id for d in got] == [IDS[3], IDS[0]]
+    assert got[0].text == TEXTS[3] and got[0].metadata == META[3]
+
+
+def test_same_id_overwrites(filled) -> None:
+    filled.add(["replacement text"], ids=[IDS[0]], metadata=[{"lang": "xx"}])
+    assert filled.count() == len(DOCS)
+    doc = filled.get([IDS[0]])[0]
+    assert doc.text == "replacement text" and doc.metadata == {"lang": "xx"}
+    hits = filled.search("replacement text", k=len(DOCS), weights=(1, 1, 1))
+    assert [h.id for h in hits].count(IDS[0]) == 1
+    assert next(h for h in hits if h.id == IDS[0]).text == "replacement text"
+
+
+def test_content_ids_make_reruns_idempotent(store_factory) -> None:
+    store = store_factory()
+    first = store.add(TEXTS[:10])
+    second = store.add(TEXTS[:10])
+    assert first == second and store.count() == 10
+
+
+def test_delete(filled) -> None:
+    filled.delete([IDS[1], IDS[2], "never-stored"])
+    assert filled.count() == len(DOCS) - 2
+    assert filled.get([IDS[1]]) == []
+    ids = {h.id for h in filled.search(TEXTS[1], k=len(DOCS), weights=(1, 1, 1))}
+    assert IDS[1] not in ids and IDS[2] not in ids
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_exact_search_equals_brute_force(filled, encoder, weights) -> None:
+    for query in QUERIES[:3]:
+        hits = filled.search(query, k=10, weights=weights)
+        expected = brute_force(encoder, query, weights)
+        if weights == (0, 1, 0):  # sparse alone retrieves only documents sharing a token
+            expected = [(rid, s) for rid, s in expected if s > 0]
+        expected = expected[:10]
+        assert [h.id for h in hits] == [rid for rid, _ in expected]
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-5)
+
+
+def test_hit_score_equals_compute_score(filled, encoder) -> None:
+    weights = (0.4, 0.2, 0.4)
+    hits = filled.search("hybrid search", k=5, weights=weights)
+    ref = encoder.compute_score([("hybrid search", h.text) for h in hits], weights=weights, max_passage_length=8192)
+    np.testing.assert_allclose([h.score for h in hits], ref["colbert+sparse+dense"], atol=1e-4)
+    for key in ("dense", "sparse", "colbert"):
+        np.testing.assert_allclose([h.scores[key] for h in hits], ref[key], atol=1e-4)
+
+
+FILTERS = [
+    {"lang": "en"},
+    {"topic": {"$in": ["news", "cooking"]}},
+    {"rank": {"$gte": 10, "$lt": 20}},
+    {"score": {"$gt": 2.5}},
+    {"$or": [{"lang": "de"}, {"topic": "model"}]},
+    {"$and": [{"even": True}, {"rank": {"$lte": 30}}]},
+    {"quote": 'say "hi" \\ o\'k', "lang": "fr"},
+]
+
+
+@pytest.mark.parametrize("flt", FILTERS, ids=[str(i) for i in range(len(FILTERS))])
+def test_filters_match_reference_semantics(filled, encoder, flt) -> None:
+    hits = filled.search("search", k=len(DOCS), weights=(1, 1, 1), filter=flt)
+    expected = brute_force(encoder, "search", (1, 1, 1), flt)
+    assert {h.id for h in hits} == {rid for rid, _ in expected}
+    assert all(matches(parse_filter(flt), h.metadata) for h in hits)
+
+
+def test_filter_value_cannot_change_the_expression(filled) -> None:
+    evil = 'x" or metadata["lang"] != "'
+    assert filled.search("search", k=10, filter={"lang": evil}) == []
+
+
+@pytest.mark.parametrize("fusion", ["engine", "rrf"])
+def test_engine_fusion_returns_real_hits(filled, fusion) -> None:
+    hits = filled.search("hybrid search", k=5, weights=(0.4, 0.2, 0.4), fusion=fusion)
+    assert 0 < len(hits) <= 5
+    assert len({h.id for h in hits}) == len(hits)
+    assert all(h.id in IDS and h.text for h in hits)
+    filtered = filled.search("hybrid search", k=5, fusion=fusion, filter={"lang": "en"})
+    assert filtered and all(h.metadata["lang"] == "en" for h in filtered)
+
+
+def test_engine_weighted_fusion_ranks_like_exact_at_full_depth(filled) -> None:
+    exact = filled.search("hybrid search", k=3, weights=(0.4, 0.2, 0.4))
+    pushed = filled.search("hybrid search", k=3, weights=(0.4, 0.2, 0.4), fusion="engine", candidate_depth=100)
+    # With every document a candidate on every route, nothing is missing from the sum.
+    assert [h.id for h in pushed] == [h.id for h in exact]
+
+
+def _persistent(store_factory) -> None:
+    if store_factory.engine == "qdrant-memory":
+        pytest.skip("an in-memory Qdrant is gone once closed")
+
+
+def test_reopen_recognises_schema(store_factory, encoder) -> None:
+    _persistent(store_factory)
+    store = store_factory()
+    store.add(TEXTS[:5], ids=IDS[:5])
+    store.close()
+    again = store_factory()
+    assert again.count() == 5
+    assert again.info()["spec"]["fingerprint"] == encoder.fingerprint
+
+
+def test_reopen_with_other_model_is_refused(store_factory, tmp_path) -> None:
+    _persistent(store_factory)
+    store = store_factory()
+    store.add(TEXTS[:2])
+    store.close()
+    other = m3connect.M3Encoder(make_tiny_checkpoint(tmp_path / "wide", hidden_size=48), device="cpu")
+    with pytest.raises(m3connect.SchemaMismatchError, match="dense_dim"):
+        store_factory(encoder=other)
+    same_shape = m3connect.M3Encoder(make_tiny_checkpoint(tmp_path / "seed1", seed=1), device="cpu")
+    with pytest.raises(m3connect.SchemaMismatchError, match="model weights"):
+        store_factory(encoder=same_shape)
+    survivor = store_factory()
+    assert survivor.count() == 2  # nothing was overwritten
+
+
+def test_bad_input_is_named_and_loses_nothing(filled) -> None:
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        filled.add(["ok", 42])
+    with pytest.raises(ValueError, match="ids has 1 entries"):
+        filled.add(["a", "b"], ids=["only-one"])
+    with pytest.raises(ValueError, match="k must be"):
+        filled.search("q", k=0)
+    with pytest.raises(ValueError, match="weights sum to zero"):
+        filled.search("q", weights=(0, 0, 0))
+    with pytest.raises(m3connect.FilterError, match="unknown operator"):
+        filled.search("q", filter={"lang": {"$regex": "e"}})
+    with pytest.raises(TypeError):
+        filled.search(123)  # type: ignore[arg-type]
+    assert filled.count() == len(DOCS)
+
+
+def test_empty_text_is_stored(store_factory) -> None:
+    store = store_factory()
+    store.add([""], ids=["empty"])
+    assert store.get(["empty"])[0].text == ""
+    assert store.search("", k=1)[0].id == "empty"
+
+
+def test_failed_write_names_batch_and_rerun_resumes(store_factory, monkeypatch) -> None:
+    store = store_factory()
+    real_upsert = store.adapter.upsert
+    calls = {"n": 0}
+
+    def flaky(records):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk full")
+        return real_upsert(records)
+
+    monkeypatch.setattr(store.adapter, "upsert", flaky)
+    with pytest.raises(m3connect.IngestError) as err:
+        store.add(TEXTS, ids=IDS, metadata=META, encode_batch_size=10)
+    assert err.value.batch_index == 1 and err.value.ids == IDS[10:20]  # the second write batch
+    assert "disk full" in str(err.value)
+    store.adapter.flush()
+    assert store.count() == 10  # the first batch stayed
+    monkeypatch.setattr(store.adapter, "upsert", real_upsert)
+    report = store.ingest(TEXTS, ids=IDS, metadata=META, encode_batch_size=10, skip_existing=True)
+    assert report.skipped == 10 and report.written == len(DOCS) - 10
+    assert store.count() == len(DOCS)
+
+
+def test_truncation_is_reported(store_factory) -> None:
+    store = store_factory(max_length=16)
+    report = store.ingest(["word " * 100, "short"], ids=["long", "short"])
+    assert report.truncated == 1 and store.count() == 2
