@@ -406,8 +406,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     _check_uri(args.uri)
     from .store import connect, parse_uri
 
+    from .errors import InvalidInputError
+
     loc = parse_uri(args.uri)
-    with connect(args.uri, args.collection, encoder=None) as store:
+    try:
+        store = connect(args.uri, args.collection, encoder=None)
+    except InvalidInputError as exc:
+        if "does not exist" not in str(exc):
+            raise
+        raise InvalidInputError(
+            f"collection {args.collection!r} does not exist at {args.uri}; create it with 'm3connect ingest'"
+        ) from None
+    with store:
         info = store.info()
     info["uri"] = args.uri
     info["location"] = {"embedded": loc.embedded, "path": loc.path, "host": loc.host, "port": loc.port, "tls": loc.tls}
@@ -602,10 +612,10 @@ def _plot(results: dict[str, Any], tuned: dict[str, Any] | None, path: Path, tit
                         ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x)
     ax.set_xticklabels(names)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.2)
     ax.set_ylabel("score")
     ax.set_title(title)
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper center", ncol=2, frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

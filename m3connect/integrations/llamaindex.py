@@ -294,7 +294,7 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
             )
         else:
             raise InvalidInputError("VectorStoreQuery needs query_str (or a dense query_embedding)")
-        if query.node_ids is not None:
+        if query.node_ids:  # VectorStoreIndex passes [] when the store holds the text
             wanted = set(query.node_ids)
             hits = [h for h in hits if h.id in wanted]
         return VectorStoreQueryResult(

@@ -39,7 +39,7 @@ from m3connect.testing import sample_corpus  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-QUERY = "sparse vectors stored in an inverted index"
+QUERY = "dense and sparse vectors in one engine"  # has non-empty sparse weights under the tiny model
 USER_KEYS = {"lang", "topic", "n"}
 
 

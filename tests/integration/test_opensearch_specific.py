@@ -36,9 +36,9 @@ def _uri(url: str) -> str:
 def store_factory(opensearch_url, encoder):  # noqa: F811
     made = []
 
-    def make(colbert_dtype: str = "float32", name: str | None = None):
+    def make(colbert_dtype: str = "float32", name: str | None = None, **options):
         name = name or f"m3test_{uuid.uuid4().hex[:10]}"
-        store = connect(_uri(opensearch_url), collection=name, encoder=encoder, colbert_dtype=colbert_dtype)
+        store = connect(_uri(opensearch_url), collection=name, encoder=encoder, colbert_dtype=colbert_dtype, **options)
         made.append(store)
         return store
 
@@ -250,3 +250,23 @@ def test_bulk_is_split_by_real_bytes(store_factory, monkeypatch):
     assert "'d17'" in str(info.value.__cause__) and "1 document" in str(info.value.__cause__)
     store.adapter.flush()
     assert store.count() == len(TEXTS) - 1
+
+
+def test_without_colbert_lists(opensearch_url, store_factory, encoder):  # noqa: F811
+    store = store_factory(colbert_lists=False)
+    ids = store.add(TEXTS, metadata=META, show_progress=False)
+    client = _raw_client(opensearch_url)
+    src = client.get(index=store.adapter.index, id=ids[0])["_source"]
+    assert "colbert" not in src and "m3" in src
+    # the layout is read back from _meta on reopen
+    again = connect(_uri(opensearch_url), collection=store.adapter.collection, encoder=encoder)
+    assert again.adapter.colbert_lists is False
+    again.close()
+    exact = store.search("vector databases and more", k=5)
+    assert len(exact) == 5
+    assert len(store.search("vector databases and more", k=5, weights=(0.5, 0.5, 0), fusion="engine")) == 5
+    assert len(store.search("vector databases and more", k=5, fusion="rrf")) == 5
+    with pytest.raises(BackendError, match="colbert_lists=False"):
+        store.search("vector databases and more", k=5, fusion="engine")
+    rec = store.adapter.fetch(ids[:1])[ids[0]]
+    np.testing.assert_array_equal(rec.colbert, encoder.encode(TEXTS[:1], show_progress=False).colbert[0])
