@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import scoring
 from .adapters.base import Adapter, CollectionSpec, Record
-from .errors import IngestError, InvalidInputError, InvalidTypeError, M3Error, SchemaMismatchError
+from .errors import IngestError, InvalidInputError, InvalidTypeError, SchemaMismatchError
 from .filters import matches, parse_filter
 from .types import Document, Hit
 
@@ -275,18 +275,13 @@ class M3Store:
             if batch and (record is None or size + rec_size > limit):
                 try:
                     self.adapter.upsert(batch)
-                except M3Error as exc:
-                    raise IngestError(
-                        f"writing batch {report.batches} ({len(batch)} documents, ids {batch[0].id!r}...) "
-                        f"to {self.adapter.engine} failed: {exc}. Earlier batches are stored; re-run to resume.",
-                        batch_index=report.batches, ids=[r.id for r in batch],
-                    ) from exc
                 except Exception as exc:
                     raise IngestError(
                         f"writing batch {report.batches} ({len(batch)} documents, ids {batch[0].id!r}...) "
                         f"to {self.adapter.engine} failed: {type(exc).__name__}: {exc}. "
                         "Earlier batches are stored; re-run to resume.",
-                        batch_index=report.batches, ids=[r.id for r in batch],
+                        batch_index=report.batches,
+                        ids=[r.id for r in batch],
                     ) from exc
                 report.batches += 1
                 report.written += len(batch)
