@@ -239,48 +239,23 @@ class MilvusAdapter(Adapter):
         return out
 
     def _fill_colbert(self, records: dict[str, Record]) -> None:
-        """Load token vectors of the records, in query windows under Milvus' 16384-row cap."""
-        window: list[str] = []
-        rows_in_window = 0
-        groups: list[list[str]] = []
-        for rid, rec in records.items():
-            n = rec.colbert.shape[0] if rec.colbert is not None else 0
-            if window and rows_in_window + n > _QUERY_WINDOW:
-                groups.append(window)
-                window, rows_in_window = [], 0
-            window.append(rid)
-            rows_in_window += n
-        if window:
-            groups.append(window)
-        for group in groups:
-            limit = max(1, sum(records[i].colbert.shape[0] for i in group))  # type: ignore[union-attr]
-            if limit > _QUERY_WINDOW:  # one document longer than the window: page through it
-                rows = list(self._iterate_tokens(group[0]))
-            else:
-                rows = self.client.query(
-                    self.colbert_collection, filter=f"doc_id in {_id_list(group)}",
-                    output_fields=["doc_id", "pos", "vec"], limit=limit,
-                )
-            by_doc: dict[str, list[tuple[int, Any]]] = defaultdict(list)
-            for row in rows:
-                by_doc[row["doc_id"]].append((int(row["pos"]), row["vec"]))
-            for rid in group:
-                toks = sorted(by_doc.get(rid, []), key=lambda t: t[0])
-                records[rid].colbert = np.asarray([self._as_float(v) for _, v in toks], np.float32).reshape(
-                    len(toks), -1 if toks else self.spec.colbert_dim if self.spec else 0
-                )
+        """Load token vectors by primary key: ``n_tokens`` tells every key ``<id>#<pos>``.
 
-    def _iterate_tokens(self, doc_id: str) -> Any:
-        iterator = self.client.query_iterator(
-            self.colbert_collection, batch_size=4096, filter=f"doc_id == {literal(doc_id)}",
-            output_fields=["doc_id", "pos", "vec"],
-        )
-        while True:
-            batch = iterator.next()
-            if not batch:
-                iterator.close()
-                return
-            yield from batch
+        Primary-key lookups use Milvus' key index; a ``doc_id in [...]`` query would scan
+        the whole token collection.
+        """
+        keys = [f"{rid}#{pos}" for rid, rec in records.items() for pos in range(rec.colbert.shape[0])]  # type: ignore[union-attr]
+        vectors: dict[str, np.ndarray] = {}
+        for chunk in self.batched(keys, 4096):
+            for row in self.client.get(self.colbert_collection, ids=chunk, output_fields=["vec"]):
+                vectors[row["key"]] = self._as_float(row["vec"])
+        dim = self.spec.colbert_dim if self.spec else 0
+        for rid, rec in records.items():
+            n = rec.colbert.shape[0]  # type: ignore[union-attr]
+            toks = [vectors[f"{rid}#{pos}"] for pos in range(n) if f"{rid}#{pos}" in vectors]
+            if len(toks) != n:
+                raise BackendError(f"ColBERT vectors of {rid!r} are incomplete ({len(toks)} of {n}); re-ingest it")
+            rec.colbert = np.asarray(toks, np.float32).reshape(n, dim)
 
     @staticmethod
     def _as_float(vec: Any) -> np.ndarray:
