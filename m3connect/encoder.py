@@ -46,6 +46,15 @@ _DTYPES: dict[str, torch.dtype] = {
 # Padded tokens per forward pass when the caller gives no batch size. Large enough
 # to keep the matrix kernels busy, small enough that an 8192-token text runs alone.
 _DEFAULT_TOKEN_BUDGET = {"cpu": 16384, "cuda": 65536}
+# On CPU the budget is also capped so that the largest activation of a batch (tokens x
+# intermediate size, the feed-forward output) stays at 16 MiB. Blocks over glibc's largest
+# mmap threshold (32 MiB) are mmap-ed fresh and unmapped on free, so every forward pass
+# page-faults them in again (a million faults per 18k tokens of a BGE-M3-sized model), and
+# smaller batches keep the memory-bound element-wise ops in cache. Measured on a 2-core VM:
+# 20-30% more tokens/s than a flat 16384, for BGE-M3's shape (cap 1024 tokens) as for a
+# 256-wide model (cap 4096); the matrix kernels stay busy at those sizes.
+_CPU_ACTIVATION_BYTES = 16 * 1024 * 1024
+_CPU_MIN_TOKEN_BUDGET = 512
 # Below this many texts the progress bar stays hidden unless asked for.
 _PROGRESS_MIN_TEXTS = 256
 
@@ -132,6 +141,7 @@ class M3Encoder:
         show_progress: bool | None = None,
         cache_dir: str | None = None,
     ) -> None:
+        import transformers
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         self.model_name = str(model_name_or_path)
@@ -169,6 +179,12 @@ class M3Encoder:
         sparse_head = _load_head(path, SPARSE_HEAD_FILE, hidden, 1)
         colbert_head = _load_head(path, COLBERT_HEAD_FILE, hidden, None)
 
+        # transformers >= 5 takes a ready 4-d mask from these families as is; 4.x wants 2-d.
+        self._pass_bias = (
+            int(transformers.__version__.split(".")[0]) >= 5
+            and config.model_type in {"xlm-roberta", "roberta", "bert"}
+            and getattr(backbone.config, "_attn_implementation", None) in {"sdpa", "eager"}
+        )
         self.config = config
         self.hidden_size = hidden
         self.colbert_dim = colbert_head.out_features
@@ -178,9 +194,7 @@ class M3Encoder:
         if not 2 <= max_length <= limit:
             raise InvalidInputError(f"max_length must be in [2, {limit}] for this model, got {max_length}")
         self.max_length = max_length
-        self.tokens_per_batch = tokens_per_batch or _DEFAULT_TOKEN_BUDGET.get(
-            self.device.type, _DEFAULT_TOKEN_BUDGET["cpu"]
-        )
+        self.tokens_per_batch = tokens_per_batch or self._default_token_budget(config)
         self._special_ids = np.array(
             sorted(
                 {
@@ -222,16 +236,25 @@ class M3Encoder:
     def _place_modules(self) -> None:
         modules = (self._backbone, self._sparse_head, self._colbert_head)
         if self.dtype_name == "int8":
-            from torch.ao.quantization import quantize_dynamic
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-            self._backbone = quantize_dynamic(self._backbone, {torch.nn.Linear}, dtype=torch.qint8)
-            self._colbert_head = quantize_dynamic(
-                torch.nn.Sequential(self._colbert_head), {torch.nn.Linear}, dtype=torch.qint8
-            )
+            # One weight scale per output row rather than per matrix: about half the error
+            # (dense cosine to fp32 ~0.9993 instead of ~0.9986 on random test models), same speed.
+            spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
+            self._backbone = quantize_dynamic(self._backbone, spec, dtype=torch.qint8)
+            self._colbert_head = quantize_dynamic(torch.nn.Sequential(self._colbert_head), spec, dtype=torch.qint8)
             return
         dtype = _DTYPES[self.dtype_name]
         for module in modules:
             module.to(device=self.device, dtype=dtype)
+
+    def _default_token_budget(self, config: Any) -> int:
+        budget = _DEFAULT_TOKEN_BUDGET.get(self.device.type, _DEFAULT_TOKEN_BUDGET["cpu"])
+        if self.device.type != "cpu":
+            return budget
+        width = int(getattr(config, "intermediate_size", 0) or 4 * int(config.hidden_size))
+        itemsize = 4 if self.dtype_name == "int8" else _DTYPES[self.dtype_name].itemsize  # int8: fp32 activations
+        return max(_CPU_MIN_TOKEN_BUDGET, min(budget, _CPU_ACTIVATION_BYTES // (width * itemsize)))
 
     @staticmethod
     def _fingerprint(path: Path, config: Any) -> str:
@@ -325,20 +348,38 @@ class M3Encoder:
             ids[i, : len(row)] = row
         mask_np = np.arange(width)[None, :] < lengths[:, None]
         input_ids = torch.from_numpy(ids).to(self.device)
-        mask = torch.from_numpy(mask_np.astype(np.int64)).to(self.device)
+        if int(lengths.min()) == width:
+            mask = None  # nothing padded: SDPA's unmasked kernel
+        elif self._pass_bias:
+            mask = self._attention_bias(mask_np)
+        else:
+            mask = torch.from_numpy(mask_np.astype(np.int64)).to(self.device)
         hidden = self._backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
         dense = sparse = colbert = None
         if want_dense:
-            dense = torch.nn.functional.normalize(hidden[:, 0], dim=-1).float().cpu().numpy()
+            # Normalise in fp32: a bf16/fp16 norm leaves vectors up to ~0.5% off unit length.
+            dense = torch.nn.functional.normalize(hidden[:, 0].float(), dim=-1).cpu().numpy()
         if want_sparse:
             weights = torch.relu(self._sparse_head(hidden)).squeeze(-1).float().cpu().numpy()
             sparse = self._lexical_weights(ids, mask_np, weights)
         if want_colbert:
-            vecs = self._colbert_head(hidden[:, 1:]) * mask[:, 1:, None].to(hidden.dtype)
-            vecs = torch.nn.functional.normalize(vecs, dim=-1).float().cpu().numpy()
+            vecs = self._colbert_head(hidden[:, 1:]).float()
+            vecs = torch.nn.functional.normalize(vecs, dim=-1).cpu().numpy()
             colbert = [vecs[i, : lengths[i] - 1] for i in range(len(rows))]
         return dense, sparse, colbert
+
+    def _attention_bias(self, mask: np.ndarray) -> torch.Tensor:
+        """Padding mask as the additive ``[batch, 1, 1, keys]`` bias attention adds to its scores.
+
+        Built once per batch in the compute dtype: given a 2-d mask, transformers builds a
+        boolean ``[batch, 1, q, k]`` mask that SDPA then converts to this same 0 / -inf bias
+        again in every layer. The attention scores are identical either way.
+        """
+        dtype = torch.float32 if self.dtype_name == "int8" else _DTYPES[self.dtype_name]
+        bias = torch.zeros(mask.shape, dtype=dtype)
+        bias.masked_fill_(torch.from_numpy(~mask), float("-inf"))
+        return bias[:, None, None, :].to(self.device)
 
     def _lexical_weights(self, ids: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> list[dict[int, float]]:
         """``{token_id: max weight}`` per row, special tokens and non-positive weights dropped."""
