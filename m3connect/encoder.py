@@ -49,7 +49,7 @@ _DEFAULT_TOKEN_BUDGET = {"cpu": 16384, "cuda": 65536}
 # On CPU the budget is also capped so that the largest activation of a batch (tokens x
 # intermediate size, the feed-forward output) stays at 16 MiB. Blocks over glibc's largest
 # mmap threshold (32 MiB) are mmap-ed fresh and unmapped on free, so every forward pass
-# page-faults them in again (a million faults per 18k tokens of a BGE-M3-sized model), and
+# page-faults them in again (~1M faults per 18k tokens with 3 layers of BGE-M3's width), and
 # smaller batches keep the memory-bound element-wise ops in cache. Measured on a 2-core VM:
 # 20-30% more tokens/s than a flat 16384, for BGE-M3's shape (cap 1024 tokens) as for a
 # 256-wide model (cap 4096); the matrix kernels stay busy at those sizes.

@@ -27,6 +27,9 @@ _PACKAGES = (
 
 
 def flag_m3_embedder_class() -> Any:
+    loaded = sys.modules.get("FlagEmbedding.inference.embedder.encoder_only.m3")
+    if loaded is not None:  # the bare parents have no __spec__, so find_spec works only once
+        return loaded.M3Embedder
     spec = importlib.util.find_spec("FlagEmbedding")
     if spec is None or spec.origin is None:
         raise ImportError("FlagEmbedding is a test dependency: pip install -e '.[dev]'")
