@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from . import scoring
+from . import fusion, scoring
+from .adapters.base import CollectionSpec
 from .encoder import DEFAULT_MODEL, M3Encoder
 from .errors import (
     BackendError,
@@ -22,9 +23,10 @@ from .errors import (
     ModelLoadError,
     SchemaMismatchError,
 )
+from .protocols import Encoder
 from .scoring import Weights
 from .store import M3Store, connect
-from .types import Document, EncodeOutput, Hit
+from .types import Document, EncodeOutput, Hit, Vectors
 
 __version__ = "0.1.0"
 
@@ -32,11 +34,15 @@ __all__ = [
     "__version__",
     "DEFAULT_MODEL",
     "M3Encoder",
+    "Encoder",
     "EncodeOutput",
+    "Vectors",
+    "CollectionSpec",
     "Hit",
     "Document",
     "Weights",
     "scoring",
+    "fusion",
     "connect",
     "M3Store",
     "M3Error",

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import scoring
 from .errors import InvalidInputError, InvalidTypeError, ModelLoadError
-from .types import EncodeOutput
+from .types import EncodeOutput, Vectors
 
 __all__ = ["M3Encoder", "DEFAULT_MODEL"]
 
@@ -483,8 +483,8 @@ class M3Encoder:
             truncated=truncated,
         )
 
-    def encode_one(self, text: str, *, max_length: int | None = None) -> dict[str, Any]:
-        """All three representations of a single text (e.g. a query) as a dict."""
+    def encode_one(self, text: str, *, max_length: int | None = None) -> Vectors:
+        """All three representations of a single text (e.g. a query)."""
         return self.encode([text], max_length=max_length, show_progress=False).item(0)
 
     def compute_score(

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import InvalidInputError
+from .types import ROUTES
 
 __all__ = [
     "Weights",
@@ -31,8 +32,6 @@ __all__ = [
     "combine",
     "pair_scores",
 ]
-
-ROUTES: tuple[str, str, str] = ("dense", "sparse", "colbert")
 
 
 class Weights(NamedTuple):

@@ -18,14 +18,17 @@ from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
+import numpy as np
+
+from . import fusion as _fusion  # the parameter `fusion` names the method
 from . import scoring
 from .adapters.base import Adapter, CollectionSpec, Record
 from .errors import IngestError, InvalidInputError, InvalidTypeError, SchemaMismatchError
-from .filters import matches, parse_filter
-from .types import Document, Hit
+from .filters import parse_filter
+from .types import Document, Hit, Vectors
 
 if TYPE_CHECKING:
-    from .encoder import M3Encoder
+    from .protocols import Encoder
 
 __all__ = ["connect", "M3Store", "ParsedURI", "parse_uri", "IngestReport", "document_id"]
 
@@ -125,7 +128,7 @@ class M3Store:
     def __init__(
         self,
         adapter: Adapter,
-        encoder: M3Encoder | None,
+        encoder: Encoder | None,
         *,
         candidate_depth: int | None = None,
         max_length: int | None = None,
@@ -134,12 +137,23 @@ class M3Store:
         self.encoder = encoder
         self.candidate_depth = candidate_depth
         self.max_length = max_length
+        #: what the last search did (:class:`~m3connect.fusion.QueryStats`)
+        self.last_query_stats = _fusion.QueryStats()
+
+    @property
+    def spec(self) -> CollectionSpec:
+        """The collection's spec: model, fingerprint, dimensions, ColBERT storage."""
+        assert self.adapter.spec is not None, "connect() always sets the spec"
+        return self.adapter.spec
 
     # -- ingestion --------------------------------------------------------------------------
 
-    def _require_encoder(self) -> M3Encoder:
+    def _require_encoder(self) -> Encoder:
         if self.encoder is None:
-            raise InvalidInputError("this store was opened without an encoder; pass encoder=M3Encoder(...)")
+            raise InvalidInputError(
+                "this store was opened without an encoder; pass encoder=M3Encoder(...), "
+                "or use add_vectors()/search_by_vectors() with precomputed vectors"
+            )
         return self.encoder
 
     @staticmethod
@@ -201,6 +215,67 @@ class M3Store:
             skip_existing=skip_existing, show_progress=show_progress,
         ).ids
 
+    def add_vectors(
+        self,
+        vectors: Sequence[Vectors | Mapping[str, Any]],
+        texts: Sequence[str] | None = None,
+        ids: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> list[str]:
+        """Store documents whose representations were computed elsewhere; returns their ids.
+
+        Each item of ``vectors`` needs all three representations, checked against the
+        collection: dense ``[dense_dim]``, sparse ``{int: float}``, ColBERT
+        ``[tokens, colbert_dim]``, all finite. Without ``texts`` the text is ``""``;
+        without ``ids``, ids derive from text and metadata (give ids then).
+
+        >>> store.add_vectors([{"dense": d, "sparse": {7: 0.3}, "colbert": c}], ids=["a"])  # doctest: +SKIP
+        """
+        if isinstance(vectors, Mapping) or not isinstance(vectors, Sequence):
+            raise InvalidTypeError("vectors must be a list of Vectors (or dicts with dense/sparse/colbert)")
+        if texts is None:
+            texts = [""] * len(vectors)
+        if len(texts) != len(vectors):
+            raise InvalidInputError(f"texts has {len(texts)} entries for {len(vectors)} vectors")
+        rows = list(self._records_from(texts, ids, metadata))
+        records = [
+            Record(id=rid, text=text, metadata=meta, **self._checked_vectors(vectors[i], i).__dict__)
+            for i, rid, text, meta in rows
+        ]
+        report = IngestReport(ids=[r.id for r in records])
+        self._write(list({r.id: r for r in records}.values()), report)
+        self.adapter.flush()
+        return report.ids
+
+    def _checked_vectors(self, value: Any, i: int) -> Vectors:
+        try:
+            v = Vectors.of(value)
+        except TypeError as exc:
+            raise InvalidTypeError(f"vectors[{i}]: {exc}") from None
+        spec = self.spec
+        dense = np.asarray(v.dense, np.float32) if v.dense is not None else None
+        if dense is None or dense.shape != (spec.dense_dim,):
+            raise InvalidInputError(
+                f"vectors[{i}].dense must have shape ({spec.dense_dim},), got "
+                f"{None if dense is None else dense.shape}"
+            )
+        colbert = np.asarray(v.colbert, np.float32) if v.colbert is not None else None
+        if colbert is None or colbert.ndim != 2 or colbert.shape[1] != spec.colbert_dim:
+            raise InvalidInputError(
+                f"vectors[{i}].colbert must have shape (tokens, {spec.colbert_dim}), got "
+                f"{None if colbert is None else colbert.shape}"
+            )
+        if not isinstance(v.sparse, Mapping):
+            raise InvalidTypeError(f"vectors[{i}].sparse must be a dict {{token_id: weight}}")
+        sparse: dict[int, float] = {}
+        for key, weight in v.sparse.items():
+            if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
+                raise InvalidTypeError(f"vectors[{i}].sparse key {key!r} is not a non-negative int token id")
+            sparse[int(key)] = float(weight)
+        if not (np.isfinite(dense).all() and np.isfinite(colbert).all() and np.isfinite(list(sparse.values())).all()):
+            raise InvalidInputError(f"vectors[{i}] holds NaN or infinite values")
+        return Vectors(dense=dense, sparse=sparse, colbert=colbert)
+
     def ingest(
         self,
         texts: Iterable[Any],
@@ -233,7 +308,7 @@ class M3Store:
 
     def _ingest_chunk(
         self,
-        encoder: M3Encoder,
+        encoder: Encoder,
         chunk: list[tuple[int, str, str, dict[str, Any]]],
         report: IngestReport,
         skip_existing: bool,
@@ -267,7 +342,7 @@ class M3Store:
     def _write(self, records: list[Record], report: IngestReport) -> None:
         """Cut records into batches by bytes and upsert them; a failure names its batch."""
         limit = self.adapter.max_batch_bytes
-        itemsize = 2 if self.adapter.spec and self.adapter.spec.colbert_dtype == "float16" else 4
+        itemsize = self.spec.colbert_itemsize
         batch: list[Record] = []
         size = 0
         for record in records + [None]:  # type: ignore[list-item]
@@ -306,7 +381,7 @@ class M3Store:
     def get(self, ids: Sequence[str]) -> list[Document]:
         """Stored documents by id, in the order asked; missing ids are left out."""
         ids = self._check_ids(ids)
-        found = self.adapter.fetch(ids, with_vectors=False)
+        found = self.adapter.fetch(ids, fields=())
         return [Document(found[i].id, found[i].text, found[i].metadata) for i in ids if i in found]
 
     @staticmethod
@@ -331,6 +406,7 @@ class M3Store:
         *,
         fusion: Fusion = "exact",
         candidate_depth: int | None = None,
+        candidate_routes: Sequence[str] | None = None,
     ) -> list[Hit]:
         """Hybrid search with M3's weighted fusion.
 
@@ -343,12 +419,17 @@ class M3Store:
                 ``compute_score``); ``"engine"`` pushes the weighted sum into the engine;
                 ``"rrf"`` is reciprocal rank fusion in the engine.
             candidate_depth: candidates per route (default ``max(100, 10*k)``).
+            candidate_routes: routes that generate candidates for exact fusion; default
+                dense and sparse (as in the paper), ColBERT only when the dense weight is 0.
         """
         if not isinstance(query, str):
             raise InvalidTypeError(f"query must be a str, got {type(query).__name__}")
         encoder = self._require_encoder()
         q = encoder.encode_one(query, max_length=self.max_length)
-        return self.search_by_vectors(q, k=k, weights=weights, filter=filter, fusion=fusion, candidate_depth=candidate_depth)
+        return self.search_by_vectors(
+            q, k=k, weights=weights, filter=filter, fusion=fusion,
+            candidate_depth=candidate_depth, candidate_routes=candidate_routes,
+        )
 
     def search_by_vectors(
         self,
@@ -359,6 +440,7 @@ class M3Store:
         *,
         fusion: Fusion = "exact",
         candidate_depth: int | None = None,
+        candidate_routes: Sequence[str] | None = None,
     ) -> list[Hit]:
         """:meth:`search` with precomputed query representations (``encoder.encode_one``)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -367,39 +449,17 @@ class M3Store:
         flt = parse_filter(filter)
         depth = candidate_depth or self.candidate_depth or max(100, 10 * k)
         depth = max(depth, k)
+        try:
+            q = Vectors.of(query)
+        except TypeError as exc:
+            raise InvalidTypeError(f"query: {exc}") from None
+        stats = self.last_query_stats = _fusion.QueryStats()
         if fusion == "exact":
-            return self._exact(query, w, k, flt, depth)
+            return _fusion.exact(self.adapter, q, w, k, flt, depth, routes=candidate_routes, stats=stats)
         if fusion not in ("engine", "rrf"):
             raise InvalidInputError(f"fusion must be 'exact', 'engine' or 'rrf', got {fusion!r}")
         method = "weighted" if fusion == "engine" else "rrf"
-        ranked = self.adapter.engine_search(dict(query), w, k, flt, depth, method)  # type: ignore[arg-type]
-        found = self.adapter.fetch([i for i, _ in ranked], with_vectors=True)
-        hits = []
-        for rid, engine_score in ranked:
-            rec = found.get(rid)
-            if rec is None:
-                continue
-            hits.append(Hit(rid, float(engine_score), rec.text, rec.metadata, self._route_scores(query, rec)))
-        return hits
-
-    @staticmethod
-    def _route_scores(query: Mapping[str, Any], rec: Record) -> dict[str, float]:
-        return scoring.pair_scores(query, {"dense": rec.dense, "sparse": rec.sparse, "colbert": rec.colbert})
-
-    def _exact(self, query: Mapping[str, Any], w: scoring.Weights, k: int, flt: Any, depth: int) -> list[Hit]:
-        candidates: dict[str, None] = {}
-        for route in w.active_routes:
-            for rid, _ in self.adapter.search_route(route, query[route], depth, flt):
-                candidates[rid] = None
-        records = self.adapter.fetch(list(candidates), with_vectors=True)
-        hits = []
-        for rid, rec in records.items():
-            if flt is not None and not matches(flt, rec.metadata):
-                continue  # an engine's approximate pre-filter can let a stray through
-            scores = self._route_scores(query, rec)
-            hits.append(Hit(rid, scoring.combine(scores, w), rec.text, rec.metadata, scores))
-        hits.sort(key=lambda h: (-h.score, h.id))
-        return hits[:k]
+        return _fusion.pushed(self.adapter, q, w, k, flt, depth, method, stats=stats)
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -430,11 +490,12 @@ class M3Store:
 def connect(
     uri: str,
     collection: str = "m3connect",
-    encoder: M3Encoder | None = None,
+    encoder: Encoder | None = None,
     *,
     colbert_dtype: str = "float32",
     candidate_depth: int | None = None,
     max_length: int | None = None,
+    spec: CollectionSpec | None = None,
     **options: Any,
 ) -> M3Store:
     """Open (or create) a collection in the engine named by ``uri``.
@@ -447,6 +508,8 @@ def connect(
             A collection written for another model or dimension is refused.
         colbert_dtype: ``"float32"`` or ``"float16"`` storage for ColBERT vectors.
         candidate_depth: candidates per route for exact fusion.
+        spec: without an encoder, the :class:`CollectionSpec` to create the collection
+            with, for :meth:`M3Store.add_vectors` of precomputed vectors.
         options: engine options: ``token``/``user``/``password``/``api_key``, ``timeout``...
     """
     if not isinstance(collection, str) or not collection or not collection.replace("_", "").replace("-", "").isalnum():
@@ -455,22 +518,24 @@ def connect(
     adapter = _load_adapter(location, collection, options)
     existing = adapter.read_spec()
     if encoder is not None:
-        wanted = CollectionSpec(
+        if spec is not None:
+            raise InvalidInputError("pass either encoder= or spec=, not both: the encoder defines the spec")
+        spec = CollectionSpec(
             model=encoder.model_name,
             fingerprint=encoder.fingerprint,
             dense_dim=encoder.dense_dim,
             colbert_dim=encoder.colbert_dim,
             colbert_dtype=colbert_dtype,
         )
-        wanted.check_colbert_dtype()
+    if spec is not None:
         if existing is None:
-            adapter.create(wanted)
-            existing = wanted
+            adapter.create(spec)
+            existing = spec
         else:
-            _check_compatible(collection, existing, wanted)
+            _check_compatible(collection, existing, spec)
     elif existing is None:
         raise InvalidInputError(f"collection {collection!r} does not exist; pass an encoder to create it")
-    adapter.spec = existing
+    adapter.open(existing)
     return M3Store(adapter, encoder, candidate_depth=candidate_depth, max_length=max_length)
 
 

@@ -2,12 +2,59 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["EncodeOutput", "Hit", "Document"]
+__all__ = ["Route", "ROUTES", "Vectors", "EncodeOutput", "Hit", "Document"]
+
+Route = Literal["dense", "sparse", "colbert"]
+ROUTES: tuple[Route, Route, Route] = ("dense", "sparse", "colbert")
+
+
+@dataclass
+class Vectors(Mapping[str, Any]):
+    """The three BGE-M3 representations of one text; any of them may be ``None``.
+
+    The one type for an encoder row, a stored record's vectors and a query. It is
+    also a read-only mapping, so ``v["dense"]`` works where a dict did.
+
+    >>> v = Vectors(dense=np.ones(2, np.float32) / np.sqrt(2), sparse={7: 0.5})
+    >>> sorted(k for k in v if v[k] is not None)
+    ['dense', 'sparse']
+    """
+
+    dense: np.ndarray | None = None  #: ``float32 [d]``, L2-normalised
+    sparse: dict[int, float] | None = None  #: ``{token_id: weight}``
+    colbert: np.ndarray | None = None  #: ``float32 [t, d]``, one row per token
+
+    @classmethod
+    def of(cls, value: Vectors | Mapping[str, Any]) -> Vectors:
+        """``value`` itself, or a ``Vectors`` built from a mapping with route keys."""
+        if isinstance(value, Vectors):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected Vectors or a mapping of routes, got {type(value).__name__}")
+        return cls(dense=value.get("dense"), sparse=value.get("sparse"), colbert=value.get("colbert"))
+
+    def __getitem__(self, route: str) -> Any:
+        if route not in ROUTES:
+            raise KeyError(route)
+        return getattr(self, route)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(ROUTES)
+
+    def __len__(self) -> int:
+        return len(ROUTES)
+
+    def nbytes(self) -> int:
+        """Bytes of the vectors as held in memory (sparse: 4-byte id + 4-byte weight)."""
+        size = 0 if self.dense is None else int(self.dense.nbytes)
+        size += 0 if self.sparse is None else 8 * len(self.sparse)
+        return size + (0 if self.colbert is None else int(self.colbert.nbytes))
 
 
 @dataclass
@@ -38,13 +85,13 @@ class EncodeOutput:
         """How many texts were cut at ``max_length``."""
         return len(self.truncated)
 
-    def item(self, i: int) -> dict[str, Any]:
-        """Representations of text ``i`` as ``{"dense": ..., "sparse": ..., "colbert": ...}``."""
-        return {
-            "dense": None if self.dense is None else self.dense[i],
-            "sparse": None if self.sparse is None else self.sparse[i],
-            "colbert": None if self.colbert is None else self.colbert[i],
-        }
+    def item(self, i: int) -> Vectors:
+        """Representations of text ``i``."""
+        return Vectors(
+            dense=None if self.dense is None else self.dense[i],
+            sparse=None if self.sparse is None else self.sparse[i],
+            colbert=None if self.colbert is None else self.colbert[i],
+        )
 
 
 @dataclass

@@ -8,7 +8,10 @@ import pytest
 
 import m3connect
 
-MODULES = ["m3connect", "m3connect.scoring", "m3connect.errors", "m3connect.types", "m3connect.encoder"]
+MODULES = [
+    "m3connect", "m3connect.scoring", "m3connect.errors", "m3connect.types", "m3connect.encoder",
+    "m3connect.fusion", "m3connect.protocols", "m3connect.store", "m3connect.adapters.base",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,160 @@
+"""Fusion: the one place where route results become ranked :class:`~m3connect.types.Hit` lists.
+
+Three methods, one fetch each:
+
+- :func:`exact` (the default): candidates from the engine's routes, every candidate
+  scored exactly for every active route (route scores the engine returned where
+  they are exact, :meth:`Adapter.score` in the engine for the rest), ranked by
+  M3's weighted formula. ``Hit.score`` equals ``compute_score``.
+- :func:`pushed` with ``method="weighted"``: the engine's own weighted fusion
+  (``fusion="engine"``); with ``method="rrf"``: the engine's reciprocal rank fusion.
+
+Candidate generation follows the paper's retrieval setting: dense (and sparse)
+candidates are re-ranked with the other scores; ColBERT generates candidates only
+when the dense weight is 0, or when the caller names it in ``candidate_routes``.
+
+>>> candidate_routes(Weights(0.4, 0.2, 0.4))
+('dense', 'sparse')
+>>> candidate_routes(Weights(0, 0, 1))
+('colbert',)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .adapters.base import Adapter, FusionMethod
+from .errors import InvalidInputError
+from .filters import FilterNode, matches
+from .scoring import Weights, combine
+from .types import ROUTES, Hit, Route, Vectors
+
+__all__ = ["QueryStats", "candidate_routes", "exact", "pushed"]
+
+
+@dataclass
+class QueryStats:
+    """What one search did: candidates ranked, ``Adapter.score`` calls, records fetched."""
+
+    candidates: int = 0
+    score_calls: int = 0
+    fetched_records: int = 0
+
+
+def candidate_routes(weights: Weights, asked: Sequence[str] | None = None) -> tuple[Route, ...]:
+    """Routes that generate candidates for exact fusion."""
+    if asked is not None:
+        routes = tuple(dict.fromkeys(asked))
+        bad = [r for r in routes if r not in ROUTES]
+        if bad or not routes:
+            raise InvalidInputError(f"candidate_routes must name routes of {ROUTES}, got {list(asked)!r}")
+        return routes  # type: ignore[return-value]
+    active = weights.active_routes
+    if weights.dense > 0:
+        return tuple(r for r in active if r != "colbert")  # type: ignore[return-value]
+    return active  # type: ignore[return-value]
+
+
+def _usable(route: str, query: Vectors) -> bool:
+    value = query[route]
+    if value is None:
+        raise InvalidInputError(f"the query has no {route} representation but the weights use it")
+    return len(value) > 0
+
+
+def exact(
+    adapter: Adapter,
+    query: Vectors,
+    weights: Weights,
+    k: int,
+    flt: FilterNode | None,
+    depth: int,
+    *,
+    routes: Sequence[str] | None = None,
+    stats: QueryStats | None = None,
+) -> list[Hit]:
+    """Exact M3 fusion over the candidates of ``routes`` (default :func:`candidate_routes`)."""
+    stats = stats if stats is not None else QueryStats()
+    active = weights.active_routes
+    for route in active:
+        _usable(route, query)
+    scores: dict[str, dict[str, float]] = {}
+    for route in candidate_routes(weights, routes):
+        if not _usable(route, query):
+            continue  # an empty sparse or ColBERT query retrieves nothing
+        for rid, s in adapter.search_route(route, query[route], depth, flt):
+            entry = scores.setdefault(rid, {})
+            if route in active and route in adapter.exact_routes:
+                entry[route] = float(s)
+    stats.candidates = len(scores)
+    # Every active route needs a score for every candidate: ask the engine for the missing ones.
+    for route in active:
+        missing = [rid for rid, entry in scores.items() if route not in entry]
+        if not missing:
+            continue
+        if not _usable(route, query):  # an empty query side scores 0 against anything
+            for rid in missing:
+                scores[rid][route] = 0.0
+            continue
+        stats.score_calls += 1
+        got = adapter.score(missing, query, [route])  # type: ignore[list-item]
+        for rid in missing:
+            if rid in got:
+                scores[rid][route] = got[rid][route]
+            else:  # deleted between search and scoring
+                del scores[rid]
+    ranked = sorted(
+        ((combine(entry, weights), rid) for rid, entry in scores.items()), key=lambda t: (-t[0], t[1])
+    )
+    return _hits(adapter, ranked, scores, k, flt, stats)
+
+
+def _hits(
+    adapter: Adapter,
+    ranked: list[tuple[float, str]],
+    scores: dict[str, dict[str, float]],
+    k: int,
+    flt: FilterNode | None,
+    stats: QueryStats,
+) -> list[Hit]:
+    """Top ``k`` hits with text and metadata; the filter is checked again as a guard."""
+    hits: list[Hit] = []
+    start = 0
+    while len(hits) < k and start < len(ranked):
+        window = ranked[start : start + (k - len(hits))]
+        start += len(window)
+        found = adapter.fetch([rid for _, rid in window], fields=())
+        stats.fetched_records += len(found)
+        for score, rid in window:
+            rec = found.get(rid)
+            if rec is None or (flt is not None and not matches(flt, rec.metadata)):
+                continue  # deleted meanwhile, or a stray an engine let through
+            hits.append(Hit(rid, float(score), rec.text, rec.metadata, dict(scores.get(rid, {}))))
+    return hits
+
+
+def pushed(
+    adapter: Adapter,
+    query: Vectors,
+    weights: Weights,
+    k: int,
+    flt: FilterNode | None,
+    depth: int,
+    method: FusionMethod,
+    *,
+    stats: QueryStats | None = None,
+) -> list[Hit]:
+    """Fusion in the engine (``"weighted"`` or ``"rrf"``); ``Hit.scores`` are exact route scores."""
+    stats = stats if stats is not None else QueryStats()
+    ranked = adapter.engine_search(query, weights, k, flt, depth, method)[:k]
+    stats.candidates = len(ranked)
+    ids = [rid for rid, _ in ranked]
+    routes = [r for r in weights.active_routes if _usable(r, query)]
+    route_scores = adapter.score(ids, query, routes) if ids and routes else {}  # type: ignore[arg-type]
+    stats.score_calls += 1 if ids and routes else 0
+    for rid in ids:
+        entry = route_scores.setdefault(rid, {})
+        for r in weights.active_routes:
+            entry.setdefault(r, 0.0)
+    return _hits(adapter, [(s, rid) for rid, s in ranked], route_scores, k, flt, stats)
