@@ -80,7 +80,10 @@ def exact(
     for route in active:
         _usable(route, query)
     scores: dict[str, dict[str, float]] = {}
-    for route in candidate_routes(weights, routes):
+    generators = candidate_routes(weights, routes)
+    if generators == active and len(active) == 1 and active[0] in adapter.exact_routes:
+        depth = k  # one exact route: its own top k is the answer, as in a raw search
+    for route in generators:
         if not _usable(route, query):
             continue  # an empty sparse or ColBERT query retrieves nothing
         for rid, s in adapter.search_route(route, query[route], depth, flt):

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
@@ -36,8 +37,10 @@ Fusion = Literal["exact", "engine", "rrf"]
 _ADAPTERS = {
     "milvus": "m3connect.adapters.milvus:MilvusAdapter",
     "qdrant": "m3connect.adapters.qdrant:QdrantAdapter",
+    "qdrant-edge": "m3connect.adapters.qdrant_edge:QdrantEdgeAdapter",
     "opensearch": "m3connect.adapters.opensearch:OpenSearchAdapter",
 }
+_SCHEMES = ("milvus", "qdrant", "opensearch")
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,9 @@ class ParsedURI:
 
     ``milvus:///abs/file.db`` → embedded file; ``qdrant://:memory:``; ``qdrant:///abs/dir``;
     ``milvus://host:19530``, ``qdrant://host:6333``, ``opensearch://host:9200`` → servers.
-    ``+https`` after the engine (``qdrant+https://host``) asks for TLS.
+    ``+https`` after the engine (``qdrant+https://host``) asks for TLS. ``qdrant:///abs/dir``
+    is Qdrant Edge (Qdrant's Rust engine in-process); ``qdrant+local:///abs/dir`` is
+    qdrant-client's pure-Python local mode, which also opens a directory it wrote before.
     """
 
     engine: str
@@ -54,6 +59,7 @@ class ParsedURI:
     port: int | None = None
     path: str | None = None
     tls: bool = False
+    transport: str = ""
 
     @property
     def embedded(self) -> bool:
@@ -72,17 +78,17 @@ def parse_uri(uri: str) -> ParsedURI:
     if not sep:
         raise InvalidInputError(f"{uri!r} is not a store URI; expected e.g. milvus:///abs/m3.db or qdrant://:memory:")
     engine, _, transport = scheme.lower().partition("+")
-    if engine not in _ADAPTERS:
-        raise InvalidInputError(f"unknown URI scheme {scheme!r} in {uri!r}; use one of {sorted(_ADAPTERS)}")
+    if engine not in _SCHEMES or transport not in ("", "https", "http") + (("local",) if engine == "qdrant" else ()):
+        raise InvalidInputError(f"unknown URI scheme {scheme!r} in {uri!r}; use one of {list(_SCHEMES)}")
     tls = transport == "https"
     if rest == ":memory:":
         if engine != "qdrant":
             raise InvalidInputError(f"{engine} has no in-memory mode; use a file path")
-        return ParsedURI(engine, path=":memory:")
+        return ParsedURI(engine, path=":memory:", transport="local")
     if rest.startswith("/"):
         if engine == "opensearch":
             raise InvalidInputError("OpenSearch has no embedded mode; use opensearch://host:9200")
-        return ParsedURI(engine, path=rest)
+        return ParsedURI(engine, path=rest, transport=transport)
     parts = urlsplit(f"//{rest}")
     if not parts.hostname:
         raise InvalidInputError(f"{uri!r} names neither a host nor an absolute path")
@@ -97,8 +103,21 @@ def document_id(text: str, metadata: Mapping[str, Any] | None = None) -> str:
     return digest.hexdigest()[:32]
 
 
+def _adapter_key(location: ParsedURI) -> str:
+    """Which adapter serves a location: embedded Qdrant directories go to Qdrant Edge,
+    except ``qdrant+local://`` and directories that qdrant-client's local mode wrote."""
+    if location.engine != "qdrant" or not location.embedded or location.transport == "local":
+        return location.engine
+    if (Path(location.path or "") / _QDRANT_LOCAL_MARKER).exists():
+        return "qdrant"
+    return "qdrant-edge"
+
+
+_QDRANT_LOCAL_MARKER = "meta.json"  # qdrant-client's local mode keeps its catalogue there
+
+
 def _load_adapter(location: ParsedURI, collection: str, options: dict[str, Any]) -> Adapter:
-    module_name, _, cls_name = _ADAPTERS[location.engine].partition(":")
+    module_name, _, cls_name = _ADAPTERS[_adapter_key(location)].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     adapter: Adapter = cls(location, collection, **options)
     return adapter

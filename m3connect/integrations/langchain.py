@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, MissingDependencyError
 from ..store import M3Store, connect
+from ..types import Vectors
 
 try:
     from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
@@ -60,17 +61,6 @@ def _search_options(kwargs: Mapping[str, Any], weights: Any) -> dict[str, Any]:
     opts = {key: kwargs[key] for key in _SEARCH_KEYS if kwargs.get(key) is not None}
     opts.setdefault("weights", weights)
     return opts
-
-
-def _dense_only_query(store: M3Store, embedding: Sequence[float]) -> dict[str, Any]:
-    """Query representations for a dense-only search from a precomputed vector."""
-    spec = store.adapter.spec
-    colbert_dim = spec.colbert_dim if spec is not None else len(embedding)
-    return {
-        "dense": np.asarray(embedding, np.float32),
-        "sparse": {},
-        "colbert": np.zeros((0, colbert_dim), np.float32),
-    }
 
 
 # -- embeddings ------------------------------------------------------------------------------
@@ -273,7 +263,7 @@ class M3VectorStore(VectorStore):
         """Dense-only search with a precomputed dense vector (weights ``(1, 0, 0)``)."""
         opts = _search_options(kwargs, (1.0, 0.0, 0.0))
         opts["weights"] = (1.0, 0.0, 0.0)
-        hits = self.store.search_by_vectors(_dense_only_query(self.store, embedding), k=k, **opts)
+        hits = self.store.search_by_vectors(Vectors(dense=np.asarray(embedding, np.float32)), k=k, **opts)
         return [_to_document(h) for h in hits]
 
     async def asimilarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:

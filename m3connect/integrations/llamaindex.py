@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import FilterError, InvalidInputError, MissingDependencyError
 from ..store import M3Store
+from ..types import Vectors
 
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
@@ -133,16 +134,6 @@ def weights_for_mode(
     raise InvalidInputError(f"query mode {mode.value!r} is not supported; use default, sparse or hybrid")
 
 
-def _dense_only_query(store: M3Store, embedding: Sequence[float]) -> dict[str, Any]:
-    spec = store.adapter.spec
-    colbert_dim = spec.colbert_dim if spec is not None else len(embedding)
-    return {
-        "dense": np.asarray(embedding, np.float32),
-        "sparse": {},
-        "colbert": np.zeros((0, colbert_dim), np.float32),
-    }
-
-
 def _node_from_hit(hit: Hit) -> BaseNode:
     try:
         return metadata_dict_to_node(hit.metadata, text=hit.text)
@@ -210,10 +201,9 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
 
     def _ids_matching(self, flt: Mapping[str, Any] | None, limit: int) -> list[str]:
         """Up to ``limit`` ids whose metadata matches ``flt`` (a filtered dense scan)."""
-        spec = self._store.adapter.spec
-        dim = spec.dense_dim if spec is not None else 1
+        dim = self._store.spec.dense_dim
         hits = self._store.search_by_vectors(
-            _dense_only_query(self._store, np.zeros(dim, np.float32)),
+            Vectors(dense=np.zeros(dim, np.float32)),
             k=limit,
             weights=(1.0, 0.0, 0.0),
             filter=flt,

@@ -1,6 +1,6 @@
 """Which engines the conformance suite runs on.
 
-Embedded Milvus Lite and Qdrant local mode always run. Servers run when an
+Embedded Milvus Lite, Qdrant local mode and Qdrant Edge always run. Servers run when an
 environment variable names them: ``M3_MILVUS_URI`` (``milvus://host:19530``),
 ``M3_QDRANT_URL`` (``http://host:6333``) and ``M3_OPENSEARCH_URL``
 (``http://host:9200``; without it the suite starts its own OpenSearch node).
@@ -26,6 +26,7 @@ def backend_params() -> list:
         pytest.param(("milvus-lite", None), id="milvus-lite"),
         pytest.param(("qdrant-memory", None), id="qdrant-memory"),
         pytest.param(("qdrant-path", None), id="qdrant-path"),
+        pytest.param(("qdrant-edge", None), id="qdrant-edge"),
     ]
     if os.environ.get("M3_MILVUS_URI"):
         params.append(pytest.param(("milvus-server", _server_uri("milvus", os.environ["M3_MILVUS_URI"])), id="milvus-server"))

@@ -33,7 +33,9 @@ def store_factory(
     elif name == "qdrant-memory":
         uri = "qdrant://:memory:"
     elif name == "qdrant-path":
-        uri = f"qdrant:///{tmp_path}/qdrant"
+        uri = f"qdrant+local:///{tmp_path}/qdrant"
+    elif name == "qdrant-edge":
+        uri = f"qdrant:///{tmp_path}/edge"
     elif name == "opensearch":
         url = request.getfixturevalue("opensearch_url")
         uri = "opensearch://" + url.split("://", 1)[1]

@@ -14,7 +14,7 @@ import pytest
 import m3connect
 from m3connect import scoring
 from m3connect.filters import matches, parse_filter
-from m3connect.testing import make_tiny_checkpoint, sample_corpus
+from m3connect.testing import make_tiny_checkpoint, sample_corpus, synthetic_corpus
 
 pytestmark = pytest.mark.integration
 
@@ -224,3 +224,73 @@ def test_truncation_is_reported(store_factory) -> None:
     store = store_factory(max_length=16)
     report = store.ingest(["word " * 100, "short"], ids=["long", "short"])
     assert report.truncated == 1 and store.count() == 2
+
+
+# -- selective filters: every route filters in the engine ---------------------------------
+
+SELECTIVE_N = 500
+SELECTIVE_TEXTS = synthetic_corpus(SELECTIVE_N, min_words=8, max_words=40, seed=21)
+SELECTIVE_META = [{"grp": "rare" if i % 50 == 7 else "common", "i": i} for i in range(SELECTIVE_N)]  # 2% rare
+SELECTIVE_WEIGHTS = [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0.4, 0.2, 0.4)]
+
+
+def test_selective_filter_returns_k_matching_hits_on_every_fusion(store_factory, encoder) -> None:
+    """A filter matching 2% of the corpus still gives k hits (pre-filtering, not post-filtering)."""
+    store = store_factory()
+    ids = [f"s{i:03d}" for i in range(SELECTIVE_N)]
+    store.add(SELECTIVE_TEXTS, ids=ids, metadata=SELECTIVE_META)
+    rare = {ids[i] for i, m in enumerate(SELECTIVE_META) if m["grp"] == "rare"}
+    k = len(rare)
+    query = SELECTIVE_TEXTS[123]  # a "common" document: unfiltered, the rare ones are not its top hits
+    reps = encoder.encode(SELECTIVE_TEXTS)
+    q = encoder.encode_one(query)
+    for weights in SELECTIVE_WEIGHTS:
+        truth = sorted(
+            ((scoring.combine(scoring.pair_scores(q, reps.item(i)), weights), ids[i]) for i in range(SELECTIVE_N)
+             if ids[i] in rare),
+            key=lambda t: (-t[0], t[1]),
+        )
+        if weights == (0, 1, 0):  # the sparse route finds only documents sharing a token
+            truth = [t for t in truth if t[0] > 0]
+        for fusion in ("exact", "engine", "rrf"):
+            hits = store.search(query, k=k, weights=weights, filter={"grp": "rare"}, fusion=fusion)
+            label = f"{fusion} {weights}"
+            assert {h.id for h in hits} <= rare, label
+            assert len(hits) == len(truth), label
+            if fusion == "exact":
+                assert [h.id for h in hits] == [rid for _, rid in truth], label
+                np.testing.assert_allclose([h.score for h in hits], [s for s, _ in truth], atol=1e-4)
+
+
+def test_exact_scores_come_from_the_engine_not_fetched_vectors(filled, encoder, monkeypatch) -> None:
+    """Exact fusion may fetch only text and metadata; every score comes from the engine's routes
+    or from ``Adapter.score``. Adapters whose ``score`` is the base fetch fallback are refused here."""
+    from m3connect.adapters.base import Adapter
+
+    if type(filled.adapter).score is Adapter.score:
+        pytest.fail(f"{type(filled.adapter).__name__} scores in the client; it must score in the engine")
+    real_fetch = filled.adapter.fetch
+
+    def fetch_without_colbert(ids, *, fields=scoring.ROUTES):
+        assert "colbert" not in fields, "ColBERT token vectors moved to the client"
+        return real_fetch(ids, fields=fields)
+
+    monkeypatch.setattr(filled.adapter, "fetch", fetch_without_colbert)
+    for weights in WEIGHTS:
+        hits = filled.search("hybrid search", k=10, weights=weights)
+        expected = brute_force(encoder, "hybrid search", weights)
+        if weights == (0, 1, 0):
+            expected = [(rid, s) for rid, s in expected if s > 0]
+        assert [h.id for h in hits] == [rid for rid, _ in expected[:10]], weights
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected[:10]], atol=1e-4)
+
+
+def test_dense_only_exact_search_asks_the_engine_once(filled, encoder, monkeypatch) -> None:
+    """Weights (1, 0, 0) cost one dense route search and one fetch of k texts: no scoring round."""
+    calls: list[str] = []
+    real_route, real_score = filled.adapter.search_route, filled.adapter.score
+    monkeypatch.setattr(filled.adapter, "search_route", lambda *a, **kw: calls.append(a[0]) or real_route(*a, **kw))
+    monkeypatch.setattr(filled.adapter, "score", lambda *a, **kw: calls.append("score") or real_score(*a, **kw))
+    hits = filled.search("hybrid search", k=5, weights=(1, 0, 0))
+    assert calls == ["dense"] and len(hits) == 5
+    assert filled.last_query_stats.fetched_records == 5
