@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -108,6 +108,20 @@ def _load_head(directory: Path, filename: str, in_dim: int, out_dim: int | None)
     return head
 
 
+class _Launched(NamedTuple):
+    """A batch whose forward pass is queued: host-side ids and mask, and its output tensors.
+
+    On GPU the outputs are pinned host tensors that a side stream is still filling; ``ready``
+    is the event to wait on. On CPU they are the finished tensors and ``ready`` is ``None``.
+    """
+
+    ids: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    outputs: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+    ready: Any  # torch.cuda.Event | None
+
+
 def _pick_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,6 +143,12 @@ class M3Encoder:
         show_progress: ``None`` shows a bar for long jobs only; ``False`` never.
         cache_dir: hub download cache.
     """
+
+    # On GPU, queue batch k+1 before fetching batch k's outputs, so that the device-to-host
+    # copies and the host post-processing overlap the next forward pass (False: one batch at a
+    # time, as on CPU; same kernels, same numbers).
+    _pipeline: bool = True
+    _copy_stream: Any = None  # torch.cuda.Stream for those copies, made on first use
 
     def __init__(
         self,
@@ -162,13 +182,18 @@ class M3Encoder:
         from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
         hf_logging.set_verbosity_error()  # the unused pooler is reported as "unexpected"
+        if not show_progress:
+            hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
         try:
             backbone, info = AutoModel.from_pretrained(path, **kwargs)
         except Exception as exc:
             raise ModelLoadError(f"could not load the backbone weights in {path}: {exc}") from exc
         finally:
             hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
         missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
         if missing:
             raise ModelLoadError(
@@ -341,33 +366,96 @@ class M3Encoder:
         self, rows: list[list[int]], want_dense: bool, want_sparse: bool, want_colbert: bool
     ) -> tuple[np.ndarray | None, list[dict[int, float]] | None, list[np.ndarray] | None]:
         """Encode one padded batch and post-process it on the host, vectorised."""
+        return self._finish(self._launch(rows, want_dense, want_sparse, want_colbert))
+
+    @torch.inference_mode()
+    def _launch(self, rows: list[list[int]], want_dense: bool, want_sparse: bool, want_colbert: bool) -> _Launched:
+        """Pad one batch and run (on GPU: queue) its forward pass, heads and copies to the host."""
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         width = int(lengths.max())
         ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
         mask_np = np.arange(width)[None, :] < lengths[:, None]
-        input_ids = torch.from_numpy(ids).to(self.device)
+        input_ids = self._to_device(torch.from_numpy(ids))
         if int(lengths.min()) == width:
             mask = None  # nothing padded: SDPA's unmasked kernel
         elif self._pass_bias:
             mask = self._attention_bias(mask_np)
         else:
-            mask = torch.from_numpy(mask_np.astype(np.int64)).to(self.device)
+            mask = self._to_device(torch.from_numpy(mask_np.astype(np.int64)))
         hidden = self._backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
 
         dense = sparse = colbert = None
         if want_dense:
             # Normalise in fp32: a bf16/fp16 norm leaves vectors up to ~0.5% off unit length.
-            dense = torch.nn.functional.normalize(hidden[:, 0].float(), dim=-1).cpu().numpy()
+            dense = torch.nn.functional.normalize(hidden[:, 0].float(), dim=-1)
         if want_sparse:
-            weights = torch.relu(self._sparse_head(hidden)).squeeze(-1).float().cpu().numpy()
-            sparse = self._lexical_weights(ids, mask_np, weights)
+            sparse = torch.relu(self._sparse_head(hidden)).squeeze(-1).float()
         if want_colbert:
-            vecs = self._colbert_head(hidden[:, 1:]).float()
-            vecs = torch.nn.functional.normalize(vecs, dim=-1).cpu().numpy()
-            colbert = [vecs[i, : lengths[i] - 1] for i in range(len(rows))]
+            colbert = torch.nn.functional.normalize(self._colbert_head(hidden[:, 1:]).float(), dim=-1)
+        outputs = (dense, sparse, colbert)
+        ready = None
+        if self.device.type == "cuda":
+            outputs, ready = self._copy_to_host(outputs)
+        return _Launched(ids, mask_np, lengths, outputs, ready)
+
+    def _finish(
+        self, batch: _Launched
+    ) -> tuple[np.ndarray | None, list[dict[int, float]] | None, list[np.ndarray] | None]:
+        """Wait for a launched batch's outputs and turn them into per-text host results."""
+        if batch.ready is not None:
+            batch.ready.synchronize()
+        dense, weights, vecs = (None if t is None else self._host_array(t, batch.ready) for t in batch.outputs)
+        sparse = colbert = None
+        if weights is not None:
+            sparse = self._lexical_weights(batch.ids, batch.mask, weights)
+        if vecs is not None:
+            colbert = [vecs[i, : batch.lengths[i] - 1] for i in range(len(batch.lengths))]
         return dense, sparse, colbert
+
+    @staticmethod
+    def _host_array(t: torch.Tensor, ready: Any) -> np.ndarray:
+        if ready is None:
+            return t.cpu().numpy()
+        # Out of the pinned staging buffer into ordinary memory (a multi-threaded copy), so that
+        # results kept by the caller never hold page-locked memory.
+        out = torch.empty(t.shape, dtype=t.dtype)
+        out.copy_(t)
+        return out.numpy()
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # From pageable memory a copy waits for the GPU queue to drain, which would stop
+            # the next batch being queued while the previous one still runs.
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _copy_to_host(
+        self, outputs: tuple[torch.Tensor | None, ...]
+    ) -> tuple[tuple[torch.Tensor | None, ...], Any]:
+        """Queue copies of a batch's GPU outputs into pinned host tensors on a side stream.
+
+        The copies run beside the next batch's forward pass (queued before ``_finish`` waits on
+        the returned event), at full DMA speed rather than through pageable staging.
+        """
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        host: list[torch.Tensor | None] = []
+        with torch.cuda.stream(stream):
+            for t in outputs:
+                if t is None:
+                    host.append(None)
+                    continue
+                staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                staged.copy_(t, non_blocking=True)
+                t.record_stream(stream)  # its memory is not reused before the copy is done
+                host.append(staged)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return tuple(host), ready
 
     def _attention_bias(self, mask: np.ndarray) -> torch.Tensor:
         """Padding mask as the additive ``[batch, 1, 1, keys]`` bias attention adds to its scores.
@@ -379,7 +467,7 @@ class M3Encoder:
         dtype = torch.float32 if self.dtype_name == "int8" else _DTYPES[self.dtype_name]
         bias = torch.zeros(mask.shape, dtype=dtype)
         bias.masked_fill_(torch.from_numpy(~mask), float("-inf"))
-        return bias[:, None, None, :].to(self.device)
+        return self._to_device(bias[:, None, None, :])
 
     def _lexical_weights(self, ids: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> list[dict[int, float]]:
         """``{token_id: max weight}`` per row, special tokens and non-positive weights dropped."""
@@ -414,14 +502,27 @@ class M3Encoder:
             logger.warning("GPU out of memory; token budget lowered to %d", self.tokens_per_batch)
             half = len(rows) // 2
             return self._forward_resilient(rows[:half], flags) + self._forward_resilient(rows[half:], flags)
+        return self._per_text(dense, sparse, colbert, len(rows))
+
+    @staticmethod
+    def _per_text(
+        dense: np.ndarray | None, sparse: list[dict[int, float]] | None, colbert: list[np.ndarray] | None, n: int
+    ) -> list[tuple[np.ndarray | None, dict[int, float] | None, np.ndarray | None]]:
         return [
             (
                 None if dense is None else dense[i],
                 None if sparse is None else sparse[i],
                 None if colbert is None else colbert[i],
             )
-            for i in range(len(rows))
+            for i in range(n)
         ]
+
+    def _launch_or_none(self, rows: list[list[int]], flags: tuple[bool, bool, bool]) -> _Launched | None:
+        """Queue a batch; ``None`` on GPU out-of-memory (the caller then runs it the resilient way)."""
+        try:
+            return self._launch(rows, *flags)
+        except torch.cuda.OutOfMemoryError:
+            return None
 
     def encode(
         self,
@@ -469,12 +570,27 @@ class M3Encoder:
             unit="text",
             disable=(progress is False) or (progress is None and n < _PROGRESS_MIN_TEXTS),
         )
+        pipelined = self.device.type == "cuda" and self._pipeline
+
+        def collect(batch: np.ndarray, outs: list[Any]) -> None:
+            for i, out in zip(batch.tolist(), outs):
+                results[i] = out
+            bar.update(len(batch))
+
         with bar:
+            pending: tuple[np.ndarray, _Launched] | None = None  # queued, outputs not fetched yet
             for batch in self._batches(lengths, order, batch_size):
-                outs = self._forward_resilient([ids[i] for i in batch], flags)
-                for i, out in zip(batch.tolist(), outs):
-                    results[i] = out
-                bar.update(len(batch))
+                rows = [ids[i] for i in batch]
+                launched = self._launch_or_none(rows, flags) if pipelined else None
+                if pending is not None:  # fetch the previous batch while this one runs
+                    collect(pending[0], self._per_text(*self._finish(pending[1]), len(pending[0])))
+                    pending = None
+                if launched is not None:
+                    pending = (batch, launched)
+                else:
+                    collect(batch, self._forward_resilient(rows, flags))
+            if pending is not None:
+                collect(pending[0], self._per_text(*self._finish(pending[1]), len(pending[0])))
         return EncodeOutput(
             dense=np.stack([r[0] for r in results]).astype(np.float32, copy=False) if return_dense else None,
             sparse=[r[1] for r in results] if return_sparse else None,

@@ -58,6 +58,28 @@ def _training_texts() -> Iterable[str]:
     yield from synthetic_corpus(200, min_words=5, max_words=40, seed=1)
 
 
+def _calibrated_sparse_head(model: Any, tokenizer: Any, hidden_size: int) -> Any:
+    """A random sparse head shifted and scaled like BGE-M3's: most tokens weigh 0.05-0.4.
+
+    An uncalibrated random head leaves nearly every token at ``relu(x) = 0``, and a demo
+    whose sparse scores are all 0 looks broken. The bias puts the 25th percentile of
+    the pre-activations at 0 on the training texts; the scale puts their median at 0.25.
+    """
+    import torch
+
+    head = torch.nn.Linear(hidden_size, 1)
+    texts = [t for _, t in zip(range(64), _training_texts())]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model.eval()(**batch).last_hidden_state
+        pre = head(hidden).squeeze(-1)[batch["attention_mask"].bool() & (batch["input_ids"] > 3)]
+        low, mid = torch.quantile(pre.float(), torch.tensor([0.25, 0.5]))
+        scale = 0.25 / max(float(mid - low), 1e-6)
+        head.weight.mul_(scale)
+        head.bias.copy_((head.bias - low) * scale)
+    return head
+
+
 def make_tiny_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -130,7 +152,15 @@ def make_tiny_checkpoint(
         initializer_range=initializer_range,
     )
     model = XLMRobertaModel(config)
-    model.save_pretrained(out, safe_serialization=safetensors)
-    torch.save(torch.nn.Linear(hidden_size, 1).state_dict(), out / "sparse_linear.pt")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" would be noise in a demo
+    try:
+        model.save_pretrained(out, safe_serialization=safetensors)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    torch.save(_calibrated_sparse_head(model, fast, hidden_size).state_dict(), out / "sparse_linear.pt")
     torch.save(torch.nn.Linear(hidden_size, colbert_dim or hidden_size).state_dict(), out / "colbert_linear.pt")
     return out
