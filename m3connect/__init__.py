@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import fusion, scoring
 from .adapters.base import CollectionSpec
-from .encoder import DEFAULT_MODEL, M3Encoder
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -27,6 +28,19 @@ from .protocols import Encoder
 from .scoring import Weights
 from .store import M3Store, connect
 from .types import Document, EncodeOutput, Hit, Vectors
+
+if TYPE_CHECKING:
+    from .encoder import DEFAULT_MODEL, M3Encoder
+
+_LAZY = {"M3Encoder", "DEFAULT_MODEL"}  # torch loads only when a local model is asked for
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import encoder
+
+        return getattr(encoder, name)
+    raise AttributeError(f"module 'm3connect' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

@@ -43,3 +43,20 @@ def test_package_ships_py_typed() -> None:
     from importlib import resources
 
     assert resources.files("m3connect").joinpath("py.typed").is_file()
+
+
+def test_import_and_help_do_not_load_torch() -> None:
+    """Clients with a remote or precomputed encoder need no torch: it loads only for M3Encoder."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, m3connect, m3connect.store, m3connect.fusion\n"
+        "from m3connect.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch was imported'\n"
+        "m3connect.M3Encoder\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
