@@ -58,6 +58,34 @@ def _training_texts() -> Iterable[str]:
     yield from synthetic_corpus(200, min_words=5, max_words=40, seed=1)
 
 
+def _unigram_vocab(size: int) -> list[tuple[str, float]]:
+    """A Unigram vocabulary counted from the training texts, the same on every run.
+
+    (The tokenizers library's ``UnigramTrainer`` is not deterministic across runs, which
+    made test checkpoints, and so test rankings, differ from one session to the next.)
+    Special tokens first, then every character seen (so nothing is unknown), then the
+    most frequent whole words, each scored by its log frequency.
+    """
+    import math
+    import string
+    import unicodedata
+    from collections import Counter
+
+    words: Counter[str] = Counter()
+    chars: Counter[str] = Counter()
+    for text in _training_texts():
+        for word in unicodedata.normalize("NFKC", text).split():
+            words["\u2581" + word] += 1
+            chars.update(word)
+    chars.update(c for c in string.printable if not c.isspace())  # punctuation never unknown
+    total = sum(words.values()) + sum(chars.values())
+    pieces = [(t, 0.0) for t in SPECIAL_TOKENS] + [("\u2581", math.log(len(words) / total))]
+    pieces += [(c, math.log(n / total) - 10.0) for c, n in sorted(chars.items(), key=lambda t: (-t[1], t[0]))]
+    seen = {p for p, _ in pieces}
+    ranked = [(w, math.log(n / total)) for w, n in sorted(words.items(), key=lambda t: (-t[1], t[0])) if w not in seen]
+    return (pieces + ranked)[: max(size, len(pieces))]
+
+
 def _calibrated_sparse_head(model: Any, tokenizer: Any, hidden_size: int) -> Any:
     """A random sparse head shifted and scaled like BGE-M3's: most tokens weigh 0.05-0.4.
 
@@ -99,23 +127,17 @@ def make_tiny_checkpoint(
     Deterministic for a given seed and shape. Takes a second or two for the defaults.
     """
     import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
 
-    tok = Tokenizer(models.Unigram())
+    tok = Tokenizer(models.Unigram(_unigram_vocab(vocab_size - 1), unk_id=SPECIAL_TOKENS.index("<unk>")))
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size - 1,  # + <mask> below
-        special_tokens=SPECIAL_TOKENS,
-        unk_token="<unk>",
-        show_progress=False,
-    )
-    tok.train_from_iterator(_training_texts(), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
     tok.add_special_tokens(["<mask>"])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>",

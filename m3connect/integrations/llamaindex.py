@@ -279,7 +279,7 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
             )
         elif query.query_embedding is not None:
             hits = self._store.search_by_vectors(
-                _dense_only_query(self._store, query.query_embedding),
+                Vectors(dense=np.asarray(query.query_embedding, np.float32)),
                 k=k, weights=(1.0, 0.0, 0.0), filter=flt, fusion=fusion, candidate_depth=depth,
             )
         else:
