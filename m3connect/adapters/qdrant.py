@@ -1,32 +1,41 @@
-"""Qdrant adapter: named dense vector (DOT), sparse vector, and a MAX_SIM multivector.
+"""Qdrant adapter (qdrant-client): named dense vector (DOT), sparse vector, MAX_SIM multivector.
 
-Embedded: ``qdrant://:memory:`` or ``qdrant:///abs/dir`` (qdrant-client local mode).
+Embedded: ``qdrant://:memory:``, ``qdrant+local:///abs/dir`` (qdrant-client's local mode;
+a plain ``qdrant:///abs/dir`` is Qdrant Edge, :mod:`m3connect.adapters.qdrant_edge`,
+unless the directory already holds a local-mode ``meta.json``).
 Server: ``qdrant://host:6333`` (``qdrant+https://`` for TLS, ``api_key=`` option).
 String ids map to UUIDv5 point ids; the original id lives in the payload.
+
+Route scores, :meth:`QdrantAdapter.score` (a ``query_points`` restricted to the ids by a
+``HasIdCondition``) and :meth:`QdrantAdapter.engine_search` (prefetches, a re-scoring
+prefetch per route, then ``FormulaQuery`` or RRF) all run in the engine.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import BackendError, BackendUnavailableError, MissingDependencyError, SchemaMismatchError
 from ..filters import And, Cmp, Eq, FilterNode, In, Or
+from ..fusion import candidate_routes
 from ..scoring import Weights
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record
+from ..types import ROUTES, Route, Vectors
+from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores
 
 try:
     from qdrant_client import QdrantClient, models
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError.for_extra("qdrant-client", "qdrant") from exc
 
-__all__ = ["QdrantAdapter", "point_id"]
+__all__ = ["QdrantAdapter", "compile_filter", "point_id"]
 
 _NAMESPACE = uuid.UUID("6f1c3a52-6b1e-4f0e-9a39-3a0c5e1f7d21")
 _META_KEY = "m3connect"
+RRF_K = 60
 
 
 def point_id(doc_id: str) -> str:
@@ -35,23 +44,36 @@ def point_id(doc_id: str) -> str:
 
 
 def compile_filter(node: FilterNode | None) -> models.Filter | None:
-    """Filter tree → Qdrant ``Filter`` over ``metadata.<field>`` payload keys."""
+    """Filter tree → Qdrant ``Filter`` over ``metadata.<field>`` payload keys.
+
+    Numbers compare through a range, as :func:`~m3connect.filters.matches` does
+    (``2`` matches a stored ``2.0`` and the reverse; a range never matches a bool);
+    ``$in`` lists that are not all strings become a ``should`` of equalities.
+    """
     if node is None:
         return None
     cond = _condition(node)
     return cond if isinstance(cond, models.Filter) else models.Filter(must=[cond])
 
 
+def _numeric(value: Any) -> bool:
+    """A number that a float range compares exactly (ints beyond 2**53 match by value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, float) or abs(value) <= 2**53
+
+
 def _condition(node: FilterNode) -> Any:
     if isinstance(node, Eq):
         key = f"metadata.{node.field}"
-        if isinstance(node.value, float) and not node.value.is_integer():
+        if _numeric(node.value):
             return models.FieldCondition(key=key, range=models.Range(gte=node.value, lte=node.value))
         return models.FieldCondition(key=key, match=models.MatchValue(value=node.value))
     if isinstance(node, In):
-        if any(isinstance(v, float) for v in node.values):
-            return models.Filter(should=[_condition(Eq(node.field, v)) for v in node.values])
-        return models.FieldCondition(key=f"metadata.{node.field}", match=models.MatchAny(any=list(node.values)))
+        values = list(node.values)
+        if all(isinstance(v, str) for v in values):
+            return models.FieldCondition(key=f"metadata.{node.field}", match=models.MatchAny(any=values))
+        return models.Filter(should=[_condition(Eq(node.field, v)) for v in values])
     if isinstance(node, Cmp):
         bound = {node.op[1:]: node.value}
         return models.FieldCondition(key=f"metadata.{node.field}", range=models.Range(**bound))
@@ -59,6 +81,11 @@ def _condition(node: FilterNode) -> Any:
         return models.Filter(must=[_condition(n) for n in node.items])
     assert isinstance(node, Or)
     return models.Filter(should=[_condition(n) for n in node.items])
+
+
+def _usable(route: str, query: Vectors) -> bool:
+    value = query[route]
+    return value is not None and len(value) > 0
 
 
 class QdrantAdapter(Adapter):
@@ -69,6 +96,7 @@ class QdrantAdapter(Adapter):
     def __init__(self, location: Any, collection: str, *, api_key: str | None = None,
                  timeout: float = 30.0, **client_options: Any) -> None:
         super().__init__(collection)
+        self._local = bool(location.embedded)  # local mode always searches exactly
         try:
             if location.embedded:
                 self.client = QdrantClient(location=":memory:") if location.path == ":memory:" else QdrantClient(path=location.path)
@@ -146,18 +174,24 @@ class QdrantAdapter(Adapter):
         points = self.client.retrieve(self.collection, ids=[point_id(i) for i in ids], with_payload=["doc_id"], with_vectors=False)
         return {p.payload["doc_id"] for p in points if p.payload}
 
-    def fetch(self, ids: Sequence[str], *, with_vectors: bool = True) -> dict[str, Record]:
+    def fetch(self, ids: Sequence[str], *, fields: Collection[str] = ROUTES) -> dict[str, Record]:
+        names = [r for r in ROUTES if r in fields]
         out: dict[str, Record] = {}
-        for chunk in self.batched(ids, 256):
-            points = self.client.retrieve(self.collection, ids=[point_id(i) for i in chunk], with_payload=True, with_vectors=with_vectors)
+        for chunk in self.batched(dict.fromkeys(ids), 256):
+            points = self.client.retrieve(
+                self.collection, ids=[point_id(i) for i in chunk], with_payload=True, with_vectors=names or False
+            )
             for p in points:
                 payload = p.payload or {}
                 rec = Record(id=payload["doc_id"], text=payload.get("text", ""), metadata=payload.get("metadata") or {})
-                if with_vectors and isinstance(p.vector, dict):
-                    sparse = p.vector["sparse"]
-                    rec.dense = np.asarray(p.vector["dense"], np.float32)
+                vec = p.vector if isinstance(p.vector, dict) else {}
+                if "dense" in names:
+                    rec.dense = np.asarray(vec["dense"], np.float32)
+                if "sparse" in names:
+                    sparse = vec["sparse"]
                     rec.sparse = dict(zip(sparse.indices, sparse.values))
-                    rec.colbert = np.asarray(p.vector["colbert"], np.float32)
+                if "colbert" in names:
+                    rec.colbert = np.asarray(vec["colbert"], np.float32)
                 out[rec.id] = rec
         return out
 
@@ -166,50 +200,109 @@ class QdrantAdapter(Adapter):
     @staticmethod
     def _query(route: str, query: Any) -> Any:
         if route == "sparse":
-            return models.SparseVector(indices=list(query), values=list(query.values()))
+            return models.SparseVector(indices=[int(t) for t in query], values=[float(w) for w in query.values()])
         return np.asarray(query, np.float32).tolist()
 
-    def _points(self, result: Any) -> list[Candidate]:
-        return [((p.payload or {})["doc_id"], float(p.score)) for p in result.points]
+    @staticmethod
+    def _scale(route: str, query: Any) -> float:
+        """Factor from the engine's score to the exact one (MaxSim is a sum over query vectors)."""
+        return 1.0 / max(1, len(query)) if route == "colbert" else 1.0
 
-    def search_route(self, route: str, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
-        if route == "sparse" and not query:
+    def _query_points(self, **kwargs: Any) -> list[Any]:
+        try:
+            return list(self.client.query_points(self.collection, **kwargs).points)
+        except Exception as exc:
+            raise BackendError(f"Qdrant query on {self.collection!r} failed: {exc}") from exc
+
+    def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
+        if query is None or len(query) == 0:
             return []
-        result = self.client.query_points(
-            self.collection, query=self._query(route, query), using=route, limit=k,
+        scale = self._scale(route, query)
+        points = self._query_points(
+            query=self._query(route, query), using=route, limit=k,
             query_filter=compile_filter(flt), with_payload=["doc_id"],
         )
-        return self._points(result)
+        return [((p.payload or {})["doc_id"], float(p.score) * scale) for p in points]
 
-    def engine_search(self, query: dict[str, Any], weights: Weights, k: int, flt: FilterNode | None,
-                      depth: int, method: FusionMethod) -> list[Candidate]:
-        """Prefetch per route, then ``FormulaQuery`` (weighted) or RRF in the engine.
+    def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
+        """Per-route scores of ``ids`` from ``query_points`` restricted to them (``HasIdCondition``).
 
-        The weighted score is ``sum(w_r * s_r) / sum(w)`` with ColBERT divided by the
-        number of query vectors, and 0 for a route that did not return the point.
+        A document that shares no token with the sparse query is not returned by the
+        sparse query: it scores 0.0. Ids that are not stored are left out.
         """
-        routes = [r for r in weights.active_routes if not (r == "sparse" and not query["sparse"])]
+        by_pid = {point_id(i): i for i in ids}
+        if not by_pid or not routes:
+            return {}
+        only = models.Filter(must=[models.HasIdCondition(has_id=list(by_pid))])
+        out: RouteScores = {}
+        present: set[str] | None = None
+        for route in routes:
+            q = query[route]
+            if q is None or len(q) == 0:
+                continue  # an empty query side scores 0 against anything
+            scale = self._scale(route, q)
+            points = self._query_points(
+                query=self._query(route, q), using=route, limit=len(by_pid), query_filter=only,
+                with_payload=False, search_params=None if self._local else models.SearchParams(exact=True),
+            )
+            got = {by_pid[str(p.id)]: float(p.score) * scale for p in points}
+            for rid, s in got.items():
+                out.setdefault(rid, {})[route] = s
+            if route != "sparse":  # dense and ColBERT return every stored id
+                present = set(got) if present is None else present | set(got)
+        if present is None:
+            present = self.existing_ids(list(by_pid.values()))
+        return {rid: {r: out.get(rid, {}).get(r, 0.0) for r in routes} for rid in present}
+
+    def engine_search(self, query: Vectors, weights: Weights, k: int, flt: FilterNode | None,
+                      depth: int, method: FusionMethod) -> list[Candidate]:
+        """Fusion in the engine over the candidates of :func:`~m3connect.fusion.candidate_routes`.
+
+        Candidates come from prefetches (dense and sparse at ``depth``; ColBERT only
+        when the dense weight is 0). One nested prefetch per active route re-scores
+        their union with that route's query, so every candidate carries all of its
+        route scores (a sparse miss is a true 0). ``"weighted"`` combines them with a
+        ``FormulaQuery``: ``sum(w_r * s_r) / sum(w)``, ColBERT divided by ``n_q``: the
+        exact M3 score over the same candidates as exact fusion. ``"rrf"`` fuses the
+        re-scored routes by reciprocal rank (k=60). The filter runs in every prefetch.
+        """
+        q = Vectors.of(query)
+        active = [r for r in weights.active_routes if _usable(r, q)]
+        cand = [r for r in candidate_routes(weights) if r in active]
+        if not active or not cand:
+            return []
         qfilter = compile_filter(flt)
-        prefetch = [
-            models.Prefetch(query=self._query(r, query[r]), using=r, limit=depth, filter=qfilter) for r in routes
+        total = float(sum(weights))
+        if method != "rrf" and len(active) == 1 and cand == active:
+            (route,) = active
+            factor = getattr(weights, route) / total * self._scale(route, q[route])
+            points = self._query_points(
+                query=self._query(route, q[route]), using=route, limit=k, query_filter=qfilter,
+                with_payload=["doc_id"],
+            )
+            return [((p.payload or {})["doc_id"], float(p.score) * factor) for p in points]
+        sources = [
+            models.Prefetch(query=self._query(r, q[r]), using=r, limit=depth, filter=qfilter) for r in cand
+        ]
+        rescored = [
+            models.Prefetch(prefetch=sources, query=self._query(r, q[r]), using=r, limit=depth * len(cand),
+                            filter=qfilter)
+            for r in active
         ]
         if method == "rrf":
-            fused: Any = models.FusionQuery(fusion=models.Fusion.RRF)
+            fused: Any = models.RrfQuery(rrf=models.Rrf(k=RRF_K))
         else:
-            total = sum(weights)
-            terms: list[Any] = []
-            for i, route in enumerate(routes):
-                w = getattr(weights, route) / total
-                if route == "colbert":
-                    w /= max(1, len(query["colbert"]))
-                terms.append(models.MultExpression(mult=[w, f"$score[{i}]"]))
+            terms: list[Any] = [
+                models.MultExpression(mult=[getattr(weights, r) / total * self._scale(r, q[r]), f"$score[{i}]"])
+                for i, r in enumerate(active)
+            ]
             fused = models.FormulaQuery(
-                formula=models.SumExpression(sum=terms), defaults={f"$score[{i}]": 0.0 for i in range(len(routes))}
+                formula=models.SumExpression(sum=terms), defaults={f"$score[{i}]": 0.0 for i in range(len(active))}
             )
-        result = self.client.query_points(
-            self.collection, prefetch=prefetch, query=fused, limit=k, query_filter=qfilter, with_payload=["doc_id"]
+        points = self._query_points(
+            prefetch=rescored, query=fused, limit=k, query_filter=qfilter, with_payload=["doc_id"]
         )
-        return self._points(result)
+        return [((p.payload or {})["doc_id"], float(p.score)) for p in points]
 
     def close(self) -> None:
         self.client.close()
