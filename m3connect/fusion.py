@@ -91,22 +91,26 @@ def exact(
             if route in active and route in adapter.exact_routes:
                 entry[route] = float(s)
     stats.candidates = len(scores)
-    # Every active route needs a score for every candidate: ask the engine for the missing ones.
+    # Every active route needs a score for every candidate: ask the engine for the missing
+    # ones, one call per group of routes that miss the same candidates.
+    groups: dict[tuple[str, ...], list[str]] = {}
     for route in active:
-        missing = [rid for rid, entry in scores.items() if route not in entry]
+        missing = tuple(rid for rid, entry in scores.items() if route not in entry)
         if not missing:
             continue
         if not _usable(route, query):  # an empty query side scores 0 against anything
             for rid in missing:
                 scores[rid][route] = 0.0
             continue
+        groups.setdefault(missing, []).append(route)
+    for missing, group in groups.items():
         stats.score_calls += 1
-        got = adapter.score(missing, query, [route])  # type: ignore[list-item]
+        got = adapter.score(list(missing), query, group)  # type: ignore[arg-type]
         for rid in missing:
             if rid in got:
-                scores[rid][route] = got[rid][route]
+                scores[rid].update((r, got[rid][r]) for r in group)
             else:  # deleted between search and scoring
-                del scores[rid]
+                scores.pop(rid, None)
     ranked = sorted(
         ((combine(entry, weights), rid) for rid, entry in scores.items()), key=lambda t: (-t[0], t[1])
     )
