@@ -1,20 +1,66 @@
-"""Milvus adapter: ``FLOAT_VECTOR``/IP dense, ``SPARSE_FLOAT_VECTOR`` sparse, ColBERT beside.
+"""Milvus adapter: ``FLOAT_VECTOR``/IP dense, ``SPARSE_FLOAT_VECTOR`` sparse, ColBERT packed beside.
 
 Embedded: ``milvus:///abs/file.db`` (Milvus Lite). Server: ``milvus://host:19530``
 (``token=``/``user=``/``password=`` options, ``milvus+https://`` for TLS).
 
-Milvus Lite 3.2 cannot store arrays of vectors (Array-of-Structs + ``MAX_SIM``), so
-ColBERT goes into a companion collection ``<name>__colbert`` with one row per token
-vector. It serves candidate generation (top tokens per query vector, summed per
-document) and holds the exact vectors for client re-ranking. A collection spec is
-kept in the shared ``m3connect_meta`` collection of the same database.
+Layout (``"layout": "packed-v2"`` in the collection's row of ``m3connect_meta``):
+
+- ``<name>``: one row per document: ``id``, ``text``, ``metadata`` (JSON), ``dense``
+  (IP), ``sparse`` (IP), ``n_tokens``, ``colbert_ref`` and ``colbert_mean``, the plain
+  mean of the document's ColBERT vectors (IP; see the ColBERT route below).
+- ``<name>__colbert``: each document's ColBERT matrix as raw little-endian bytes
+  (float32; float16 on servers when asked), base64 in ``VARCHAR`` chunks of 60,000
+  characters (45,000 bytes, about 11 tokens of 1024-d float32), keyed
+  ``<colbert_ref>:<chunk>``, with ``doc_id`` for deletion.
+
+Why packed chunks and not one row per token (``benchmarks/milvus_designs.py``,
+``benchmarks/results/milvus-designs-*.md``; 1,000 BGE-M3-sized documents on a loaded
+2-core machine): Milvus Lite 3.2 cannot store arrays of vectors, and it is Python
+inside: every float of a ``FLOAT_VECTOR`` is converted and type-checked one by one on
+insert and on read, and every search walks all rows of the collection in Python. One
+row per token wrote 4 to 6 documents/s; exact ``(0.4, 0.2, 0.4)`` took 14 s reading
+token vectors into the client, and 7.6 s with MaxSim in the engine (one ``search`` with
+all query vectors, ``filter=doc_id in [...]``, ``group_by_field="doc_id"``), which is
+not even exact on Lite: it groups only its top ``10 x limit`` token hits, so 3% of the
+(document, query vector) pairs were missing and had to be searched or read again. Packed
+chunks wrote 33 documents/s and answered in 2.6 s (0.8 s for ``fusion="engine"``):
+reading the candidates' bytes costs in proportion to the candidates, not to the
+collection, and one numpy product scores them all.
+
+Routes and scores:
+
+- ``dense`` and ``sparse``: engine search, exact inner products (``exact_routes``).
+- ``colbert`` (candidate generation, only used for ColBERT-only weights): IP of the mean
+  query vector with ``colbert_mean``, filtered in the engine. This is an estimate:
+  ``mean_i q_i . mean_j p_j`` is a lower bound of M3's ``mean_i max_j q_i . p_j``.
+- :meth:`MilvusAdapter.score`: dense and sparse in the engine (a search restricted to
+  the ids with ``id in [...]``; a dense vector is fetched only where a server's ANN
+  index missed an id). ColBERT: the candidates' packed matrices are read and MaxSim
+  runs in the client, batched in numpy. Ids enter expressions only escaped
+  (:func:`literal`), never through pymilvus' ``ids=``, which does not escape quotes.
+
+Bytes moved to the client per query (measured; k = 10, default depth 100, 1,000
+documents of ~150 tokens of 1024-d float32, i.e. ~0.8 MB of base64 per document):
+``(1, 0, 0)`` exact 0.3 kB (ids and scores of the dense route, text and metadata of the
+top k); ``(0.4, 0.2, 0.4)`` exact ~160 MB (MaxSim for the ~190 candidates of dense ∪
+sparse), ``fusion="engine"`` ~50 MB (MaxSim for 50 documents plus the 10 hits that
+:func:`m3connect.fusion.pushed` scores again), ``fusion="rrf"`` ~8 MB (the 10 hits'
+route scores); ColBERT-only exact ~80 MB (100 candidates); a filter matching 20
+documents ~16 MB. Dense and sparse scores never move vectors.
+
+Every search (``search_route``, ``engine_search``, both fusions) runs on the main
+collection with the metadata filter compiled into the Milvus expression, so filters
+apply in the engine on every route.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
-from collections import defaultdict
-from collections.abc import Sequence
+import re
+import uuid
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,36 +73,53 @@ from ..errors import (
     SchemaMismatchError,
 )
 from ..filters import And, Cmp, Eq, FilterNode, In, Or
-from ..scoring import Weights, colbert_score
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record
+from ..scoring import Weights
+from ..types import ROUTES, Route, Vectors
+from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores
 
 try:
     from pymilvus import AnnSearchRequest, DataType, MilvusClient, RRFRanker, WeightedRanker
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError.for_extra("pymilvus", "milvus") from exc
 
-__all__ = ["MilvusAdapter", "compile_filter", "literal"]
+__all__ = ["MilvusAdapter", "compile_filter", "literal", "LAYOUT"]
 
 META_COLLECTION = "m3connect_meta"
+LAYOUT = "packed-v2"
 MAX_ID_LENGTH = 512
 MAX_TEXT_BYTES = 65535
 _QUERY_WINDOW = 16384  # Milvus caps offset+limit of one query/search at 16384
+_ID_BATCH = 1024  # ids per expression
+_CHUNK_BYTES = 45000  # raw bytes per ColBERT chunk: base64 gives 60,000 characters
+_CHUNK_CHARS = 4 * _CHUNK_BYTES // 3
+_INSERT_BYTES = 16 * 1024 * 1024  # per insert RPC (Milvus refuses RPCs over 64 MB)
+_READ_KEYS = 256  # chunk rows per read RPC (about 15 MB)
 # Milvus refuses a sparse vector without a non-zero weight. An empty one (a text whose
 # tokens all got weight 0) is stored as this placeholder on token 0, the CLS id, which
 # the encoder always drops from real lexical weights, so it can never score.
 _EMPTY_SPARSE = {0: 1e-30}
 _OP = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+# Milvus string literals know these escapes (Milvus Lite knows no others).
+_ESCAPE = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+_UNQUOTABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_OUT = ["id"]  # Lite returns every field, vectors included, for output_fields=[]
 
 
 def literal(value: Any) -> str:
-    """A Milvus expression literal. Strings are JSON-quoted, so quotes and backslashes
-    are escaped and a value can never end the literal and change the expression."""
+    r"""A Milvus expression literal. Strings are quoted with every quote, backslash and
+    line break escaped, so a value can never end the literal and change the expression.
+
+    >>> print(literal('a "b" \\ c'))
+    "a \"b\" \\ c"
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
+        if _UNQUOTABLE.search(value):
+            raise InvalidInputError(f"{value[:40]!r} holds control characters that a Milvus expression cannot quote")
+        return '"' + value.translate(_ESCAPE) + '"'
     raise InvalidInputError(f"cannot use {value!r} in a Milvus filter")
 
 
@@ -76,14 +139,72 @@ def compile_filter(node: FilterNode | None) -> str:
     return "(" + joiner.join(f"({compile_filter(n)})" for n in node.items) + ")"
 
 
-def _id_list(ids: Sequence[str]) -> str:
+def _id_list(ids: Iterable[str]) -> str:
     return "[" + ", ".join(literal(i) for i in ids) + "]"
+
+
+def _both(expr: str, other: str) -> str:
+    return f"({expr}) and ({other})" if expr and other else expr or other
+
+
+class _Packed(str):
+    """A chunk string that pymilvus need not walk character by character.
+
+    pymilvus 3.0.2 checks a row's VARCHAR value with a helper written for columns: it
+    iterates the value and calls ``isinstance``/``len`` on every character, which made
+    packed rows as slow to insert as one row per token. Iterating this subclass yields
+    nothing; its length (at most ``_CHUNK_CHARS``) is guaranteed here, and the value
+    sent is the same string.
+    """
+
+    __slots__ = ()
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(())
+
+
+def pack_colbert(matrix: np.ndarray, dtype: str = "float32") -> list[str]:
+    """A ColBERT matrix as base64 chunks of at most 60,000 characters (little-endian)."""
+    raw = np.ascontiguousarray(matrix, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    return [base64.b64encode(raw[i : i + _CHUNK_BYTES]).decode("ascii") for i in range(0, len(raw), _CHUNK_BYTES)]
+
+
+def unpack_colbert(chunks: Sequence[str], n_tokens: int, dim: int, dtype: str = "float32") -> np.ndarray:
+    """Inverse of :func:`pack_colbert`, as float32 ``[n_tokens, dim]``."""
+    raw = b"".join(binascii.a2b_base64(c) for c in chunks)  # accepts the str as is
+    arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+    if arr.size != n_tokens * dim:
+        raise BackendError(f"stored ColBERT matrix has {arr.size} values, expected {n_tokens} x {dim}")
+    return arr.astype(np.float32).reshape(n_tokens, dim)
+
+
+def maxsim(query: np.ndarray, matrices: Sequence[np.ndarray]) -> list[float]:
+    """M3's ColBERT score of one query against several documents, in one matrix product."""
+    q = np.asarray(query, np.float32)
+    if not matrices:
+        return []
+    if q.shape[0] == 0:
+        return [0.0] * len(matrices)
+    sizes = [m.shape[0] for m in matrices]
+    out = [0.0] * len(matrices)
+    nonempty = [i for i, n in enumerate(sizes) if n > 0]
+    if not nonempty:
+        return out
+    stacked = np.concatenate([matrices[i] for i in nonempty]).astype(np.float32, copy=False)
+    sims = stacked @ q.T  # [tokens, n_q]
+    starts = np.cumsum([0] + [sizes[i] for i in nonempty[:-1]])
+    best = np.maximum.reduceat(sims, starts, axis=0)  # [docs, n_q]
+    for row, i in enumerate(nonempty):
+        out[i] = float(best[row].astype(np.float64).mean())
+    return out
 
 
 class MilvusAdapter(Adapter):
     engine = "milvus"
     max_batch_bytes = 24 * 1024 * 1024  # Milvus rejects insert RPCs over 64 MB
     supports_engine_fusion = True
+    #: ColBERT candidates come from the mean vector, an estimate (see the module docstring)
+    exact_routes = frozenset({"dense", "sparse"})
 
     def __init__(self, location: Any, collection: str, *, token: str = "", user: str = "",
                  password: str = "", timeout: float = 30.0, **client_options: Any) -> None:
@@ -109,103 +230,182 @@ class MilvusAdapter(Adapter):
         schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field
         index = self.client.prepare_index_params()
         index.add_index("unused", index_type="FLAT", metric_type="L2")
-        self.client.create_collection(META_COLLECTION, schema=schema, index_params=index)
+        self._create(META_COLLECTION, schema, index)
 
     def read_spec(self) -> CollectionSpec | None:
         if not self.client.has_collection(self.collection):
             return None
-        spec: CollectionSpec | None = None
+        meta: dict[str, Any] | None = None
         if self.client.has_collection(META_COLLECTION):
             self.client.load_collection(META_COLLECTION)
-            rows = self.client.get(META_COLLECTION, ids=[self.collection], output_fields=["spec"])
+            rows = self.client.query(META_COLLECTION, filter=f"name == {literal(self.collection)}", output_fields=["spec"])
             if rows:
-                spec = CollectionSpec.from_json(rows[0]["spec"])
-        if spec is None or not self.client.has_collection(self.colbert_collection):
+                meta = json.loads(rows[0]["spec"])
+        if meta is None or not self.client.has_collection(self.colbert_collection):
             raise SchemaMismatchError(
                 f"Milvus collection {self.collection!r} exists but was not created by m3connect"
             )
+        if meta.get("layout") != LAYOUT:
+            raise SchemaMismatchError(
+                f"Milvus collection {self.collection!r} was written by an older m3connect (ColBERT layout "
+                f"{meta.get('layout', 'one row per token')!r}, this version reads {LAYOUT!r}); "
+                "re-ingest it into a new collection"
+            )
         self.client.load_collection(self.collection)
         self.client.load_collection(self.colbert_collection)
-        return spec
+        return CollectionSpec.from_json(json.dumps(meta))
 
     def create(self, spec: CollectionSpec) -> None:
+        if self.lite and spec.colbert_dtype != "float32":
+            raise BackendError(
+                f"Milvus Lite collections keep ColBERT as float32 (asked: {spec.colbert_dtype}): "
+                "use colbert_dtype='float32' there"
+            )
         ivf = "FLAT" if self.lite else "AUTOINDEX"
         main = self.client.create_schema(auto_id=False)
         main.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
         main.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
         main.add_field("metadata", DataType.JSON)
         main.add_field("n_tokens", DataType.INT64)
+        main.add_field("colbert_ref", DataType.VARCHAR, max_length=64)
         main.add_field("dense", DataType.FLOAT_VECTOR, dim=spec.dense_dim)
         main.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        main.add_field("colbert_mean", DataType.FLOAT_VECTOR, dim=spec.colbert_dim)
         index = self.client.prepare_index_params()
         index.add_index("dense", index_type=ivf, metric_type="IP")
         index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
-
-        vec_type = DataType.FLOAT16_VECTOR if spec.colbert_dtype == "float16" else DataType.FLOAT_VECTOR
-        tokens = self.client.create_schema(auto_id=False)
-        tokens.add_field("key", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH + 12)
-        tokens.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH)
-        tokens.add_field("pos", DataType.INT64)
-        tokens.add_field("vec", vec_type, dim=spec.colbert_dim)
-        token_index = self.client.prepare_index_params()
-        token_index.add_index("vec", index_type=ivf, metric_type="IP")
-        try:
-            self.client.create_collection(self.colbert_collection, schema=tokens, index_params=token_index)
-        except Exception as exc:
-            raise BackendError(
-                f"Milvus refused the ColBERT collection ({spec.colbert_dtype}): {exc}. "
-                "Milvus Lite stores only float32 vectors: use colbert_dtype='float32' there."
-            ) from exc
-        self.client.create_collection(self.collection, schema=main, index_params=index)
+        index.add_index("colbert_mean", index_type=ivf, metric_type="IP")
+        self._create_colbert_collection(spec)
+        self._create(self.collection, main, index)
         self._ensure_meta_collection()
-        self.client.upsert(META_COLLECTION, [{"name": self.collection, "spec": spec.to_json(), "unused": [0.0, 0.0]}])
+        meta = {**json.loads(spec.to_json()), "layout": LAYOUT}
+        self.client.upsert(META_COLLECTION, [{"name": self.collection, "spec": json.dumps(meta, sort_keys=True), "unused": [0.0, 0.0]}])
         self.spec = spec
+
+    def _create_colbert_collection(self, spec: CollectionSpec) -> None:
+        schema = self.client.create_schema(auto_id=False)
+        schema.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+        schema.add_field("doc_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH)
+        schema.add_field("data", DataType.VARCHAR, max_length=_CHUNK_CHARS)
+        schema.add_field("unused", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field
+        index = self.client.prepare_index_params()
+        index.add_index("unused", index_type="FLAT", metric_type="L2")
+        self._create(self.colbert_collection, schema, index)
+
+    def _create(self, name: str, schema: Any, index: Any) -> None:
+        """Create and load a collection. On Lite, without pymilvus' index wait: it polls
+        an RPC that Lite lacks and sleeps 0.5 s per index; Lite's FLAT "indexes" exist
+        at once."""
+        if not self.lite:
+            self.client.create_collection(name, schema=schema, index_params=index)
+            return
+        self.client.create_collection(name, schema=schema)
+        self.client.create_index(name, index, sync=False)
+        self.client.load_collection(name)
 
     def drop(self) -> None:
         for name in (self.collection, self.colbert_collection):
             if self.client.has_collection(name):
                 self.client.drop_collection(name)
         if self.client.has_collection(META_COLLECTION):
-            self.client.delete(META_COLLECTION, ids=[self.collection])
+            self.client.delete(META_COLLECTION, filter=f"name == {literal(self.collection)}")
 
     # -- data -------------------------------------------------------------------------------
 
-    def _colbert_value(self, vec: np.ndarray) -> Any:
-        if self.spec is not None and self.spec.colbert_dtype == "float16":
-            return vec.astype(np.float16)
-        return vec.astype(np.float32)
+    @property
+    def _dtype(self) -> str:
+        return self.spec.colbert_dtype if self.spec is not None else "float32"
+
+    @property
+    def _dim(self) -> int:
+        assert self.spec is not None, "open or create the collection first"
+        return self.spec.colbert_dim
+
+    def _n_chunks(self, n_tokens: int) -> int:
+        size = n_tokens * self._dim * np.dtype(self._dtype).itemsize
+        return -(-size // _CHUNK_BYTES)
+
+    def _check(self, r: Record) -> None:
+        assert r.dense is not None and r.sparse is not None and r.colbert is not None
+        if len(r.id) > MAX_ID_LENGTH:
+            raise InvalidInputError(f"id {r.id[:40]!r}... is longer than {MAX_ID_LENGTH} characters")
+        literal(r.id)  # refuses ids that no expression could name
+        if len(r.text.encode("utf-8")) > MAX_TEXT_BYTES:
+            raise InvalidInputError(f"text of id {r.id!r} is over {MAX_TEXT_BYTES} bytes, Milvus' VARCHAR limit")
+
+    def _insert(self, name: str, rows: list[dict[str, Any]], sizes: list[int], *, upsert: bool = False) -> None:
+        """Insert (or upsert) rows in RPCs of at most ``_INSERT_BYTES``."""
+        start, total = 0, 0
+        for i, size in enumerate(sizes + [None]):  # type: ignore[list-item]
+            if i > start and (size is None or total + size > _INSERT_BYTES):
+                (self.client.upsert if upsert else self.client.insert)(name, rows[start:i])
+                start, total = i, 0
+            total += size or 0
 
     def upsert(self, records: Sequence[Record]) -> None:
-        rows, token_rows = [], []
-        for r in records:
-            assert r.dense is not None and r.sparse is not None and r.colbert is not None
-            if len(r.id) > MAX_ID_LENGTH:
-                raise InvalidInputError(f"id {r.id[:40]!r}... is longer than {MAX_ID_LENGTH} characters")
-            if len(r.text.encode("utf-8")) > MAX_TEXT_BYTES:
-                raise InvalidInputError(f"text of id {r.id!r} is over {MAX_TEXT_BYTES} bytes, Milvus' VARCHAR limit")
-            rows.append({
-                "id": r.id, "text": r.text, "metadata": r.metadata, "n_tokens": int(r.colbert.shape[0]),
-                "dense": r.dense.astype(np.float32).tolist(),
-                "sparse": {int(k): float(v) for k, v in r.sparse.items()} or _EMPTY_SPARSE,
-            })
-            for pos, vec in enumerate(r.colbert):
-                token_rows.append({"key": f"{r.id}#{pos}", "doc_id": r.id, "pos": pos, "vec": self._colbert_value(vec)})
-        ids = [r.id for r in records]
-        # Tokens first, then the document row: a document that exists has its tokens,
-        # so "skip existing ids" on a re-run never leaves a document without ColBERT.
-        self._delete_tokens(ids)
-        for start in range(0, len(token_rows), 4096):
-            self.client.insert(self.colbert_collection, token_rows[start : start + 4096])
-        self.client.upsert(self.collection, rows)
+        """Write records; crash-safe: a document row appears only after all of its ColBERT.
 
-    def _delete_tokens(self, ids: Sequence[str]) -> None:
-        for chunk in self.batched(ids, 512):
-            self.client.delete(self.colbert_collection, filter=f"doc_id in {_id_list(chunk)}")
+        1. the ColBERT chunks of each record go in under a fresh ``colbert_ref``;
+        2. the document rows are upserted, pointing at the new chunks;
+        3. the chunks of the versions just replaced are deleted by key.
+
+        A crash between the steps leaves at worst unreferenced chunks (``delete`` and
+        ``drop`` remove them); no document ever points at missing chunks. Ids seen for the
+        first time cost no delete at all.
+        """
+        for r in records:
+            self._check(r)
+        old = self._old_colbert([r.id for r in records])
+        refs = self._write_colbert(records)
+        rows, sizes = [], []
+        for r in records:
+            colbert = np.asarray(r.colbert, np.float32)
+            mean = colbert.mean(axis=0) if colbert.shape[0] else np.zeros(self._dim, np.float32)
+            rows.append({
+                "id": r.id, "text": r.text, "metadata": r.metadata, "n_tokens": int(colbert.shape[0]),
+                "colbert_ref": refs.get(r.id, ""),
+                "dense": np.asarray(r.dense, np.float32).tolist(),
+                "sparse": {int(k): float(v) for k, v in r.sparse.items()} or _EMPTY_SPARSE,  # type: ignore[union-attr]
+                "colbert_mean": mean.astype(np.float32).tolist(),
+            })
+            sizes.append(len(r.text) + 16 * (len(rows[-1]["dense"]) + len(r.sparse or ()) + self._dim) + 1024)
+        self._insert(self.collection, rows, sizes, upsert=True)
+        self._retire_colbert(old)
+
+    def _old_colbert(self, ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+        """``{id: (colbert_ref, n_tokens)}`` of the stored versions of ``ids``."""
+        out: dict[str, tuple[str, int]] = {}
+        for chunk in self.batched(dict.fromkeys(ids), _ID_BATCH):
+            for row in self.client.query(self.collection, filter=f"id in {_id_list(chunk)}",
+                                         output_fields=["colbert_ref", "n_tokens"]):
+                out[row["id"]] = (row["colbert_ref"], int(row["n_tokens"]))
+        return out
+
+    def _write_colbert(self, records: Sequence[Record]) -> dict[str, str]:
+        refs: dict[str, str] = {}
+        rows, sizes = [], []
+        for r in records:
+            ref = refs[r.id] = uuid.uuid4().hex
+            for i, data in enumerate(pack_colbert(r.colbert, self._dtype)):  # type: ignore[arg-type]
+                rows.append({"key": f"{ref}:{i}", "doc_id": r.id, "data": _Packed(data), "unused": [0.0, 0.0]})
+                sizes.append(len(data) + len(r.id) + 64)
+        self._insert(self.colbert_collection, rows, sizes)
+        return refs
+
+    def _retire_colbert(self, old: dict[str, tuple[str, int]]) -> None:
+        keys = [f"{ref}:{i}" for ref, n in old.values() for i in range(self._n_chunks(n))]
+        for chunk in self.batched(keys, _ID_BATCH):
+            self.client.delete(self.colbert_collection, filter=f"key in {_id_list(chunk)}")
 
     def delete(self, ids: Sequence[str]) -> None:
-        for chunk in self.batched(ids, 512):
-            self.client.delete(self.collection, ids=chunk)
-        self._delete_tokens(ids)
+        # Document rows first: a document never exists without its ColBERT chunks.
+        for chunk in self.batched(dict.fromkeys(ids), _ID_BATCH):
+            self.client.delete(self.collection, filter=f"id in {_id_list(chunk)}")
+        self._delete_colbert(ids)
+
+    def _delete_colbert(self, ids: Sequence[str]) -> None:
+        for chunk in self.batched(dict.fromkeys(ids), _ID_BATCH):
+            self.client.delete(self.colbert_collection, filter=f"doc_id in {_id_list(chunk)}")
 
     def flush(self) -> None:
         # Lite answers queries ~30x faster on flushed segments (REFERENCE.md section 5).
@@ -218,122 +418,199 @@ class MilvusAdapter(Adapter):
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
-        for chunk in self.batched(ids, 1024):
-            found.update(r["id"] for r in self.client.get(self.collection, ids=chunk, output_fields=["id"]))
+        for chunk in self.batched(dict.fromkeys(ids), _ID_BATCH):
+            found.update(r["id"] for r in self.client.query(self.collection, filter=f"id in {_id_list(chunk)}",
+                                                            output_fields=["id"]))
         return found
 
-    def fetch(self, ids: Sequence[str], *, with_vectors: bool = True) -> dict[str, Record]:
-        fields = ["text", "metadata", "n_tokens"] + (["dense", "sparse"] if with_vectors else [])
+    def fetch(self, ids: Sequence[str], *, fields: Collection[str] = ROUTES) -> dict[str, Record]:
+        wanted = [r for r in ROUTES if r in fields]
+        out_fields = ["text", "metadata"] + [r for r in ("dense", "sparse") if r in wanted]
+        if "colbert" in wanted:
+            out_fields += ["colbert_ref", "n_tokens"]
         out: dict[str, Record] = {}
-        for chunk in self.batched(ids, 1024):
-            for row in self.client.get(self.collection, ids=chunk, output_fields=fields):
+        refs: dict[str, tuple[str, int]] = {}
+        for chunk in self.batched(dict.fromkeys(ids), _ID_BATCH):
+            for row in self.client.query(self.collection, filter=f"id in {_id_list(chunk)}", output_fields=out_fields):
                 rec = Record(id=row["id"], text=row["text"], metadata=dict(row["metadata"] or {}))
-                if with_vectors:
+                if "dense" in wanted:
                     rec.dense = np.asarray(row["dense"], np.float32)
-                    sparse = {int(k): float(v) for k, v in dict(row["sparse"]).items()}
-                    rec.sparse = {} if sparse.keys() == _EMPTY_SPARSE.keys() and sparse[0] < 1e-20 else sparse
-                    rec.colbert = np.zeros((int(row["n_tokens"]), 0), np.float32)  # filled below
+                if "sparse" in wanted:
+                    rec.sparse = self._sparse(row["sparse"])
+                if "colbert" in wanted:
+                    refs[rec.id] = (row["colbert_ref"], int(row["n_tokens"]))
                 out[rec.id] = rec
-        if with_vectors and out:
-            self._fill_colbert(out)
+        if refs:
+            for rid, matrix in self._load_colbert(refs).items():
+                out[rid].colbert = matrix
         return out
 
-    def _fill_colbert(self, records: dict[str, Record]) -> None:
-        """Load token vectors by primary key: ``n_tokens`` tells every key ``<id>#<pos>``.
-
-        Primary-key lookups use Milvus' key index; a ``doc_id in [...]`` query would scan
-        the whole token collection.
-        """
-        keys = [f"{rid}#{pos}" for rid, rec in records.items() for pos in range(rec.colbert.shape[0])]  # type: ignore[union-attr]
-        vectors: dict[str, np.ndarray] = {}
-        for chunk in self.batched(keys, 4096):
-            for row in self.client.get(self.colbert_collection, ids=chunk, output_fields=["vec"]):
-                vectors[row["key"]] = self._as_float(row["vec"])
-        dim = self.spec.colbert_dim if self.spec else 0
-        for rid, rec in records.items():
-            n = rec.colbert.shape[0]  # type: ignore[union-attr]
-            toks = [vectors[f"{rid}#{pos}"] for pos in range(n) if f"{rid}#{pos}" in vectors]
-            if len(toks) != n:
-                raise BackendError(f"ColBERT vectors of {rid!r} are incomplete ({len(toks)} of {n}); re-ingest it")
-            rec.colbert = np.asarray(toks, np.float32).reshape(n, dim)
-
     @staticmethod
-    def _as_float(vec: Any) -> np.ndarray:
-        if isinstance(vec, (bytes, bytearray)):
-            return np.frombuffer(vec, dtype=np.float16).astype(np.float32)
-        if isinstance(vec, list) and vec and isinstance(vec[0], (bytes, bytearray)):
-            return np.frombuffer(vec[0], dtype=np.float16).astype(np.float32)
-        return np.asarray(vec, np.float32)
+    def _sparse(value: Any) -> dict[int, float]:
+        sparse = {int(k): float(v) for k, v in dict(value).items()}
+        return {} if sparse.keys() == _EMPTY_SPARSE.keys() and sparse[0] < 1e-20 else sparse
+
+    def _load_colbert(self, refs: dict[str, tuple[str, int]]) -> dict[str, np.ndarray]:
+        """ColBERT matrices by ``{id: (colbert_ref, n_tokens)}``, read by primary key."""
+        keys = [f"{ref}:{i}" for ref, n in refs.values() for i in range(self._n_chunks(n))]
+        data: dict[str, str] = {}
+        for chunk in self.batched(keys, _READ_KEYS):
+            for row in self.client.query(self.colbert_collection, filter=f"key in {_id_list(chunk)}",
+                                         output_fields=["data"]):
+                data[row["key"]] = row["data"]
+        out: dict[str, np.ndarray] = {}
+        for rid, (ref, n) in refs.items():
+            parts = [data.get(f"{ref}:{i}") for i in range(self._n_chunks(n))]
+            if any(p is None for p in parts):
+                raise BackendError(f"ColBERT vectors of {rid!r} are incomplete; re-ingest it")
+            out[rid] = unpack_colbert(parts, n, self._dim, self._dtype)  # type: ignore[arg-type]
+        return out
 
     # -- search -----------------------------------------------------------------------------
 
-    def _search(self, collection: str, field: str, data: list[Any], k: int, expr: str, out: list[str]) -> Any:
-        return self.client.search(
-            collection, data=data, anns_field=field, limit=min(k, _QUERY_WINDOW), filter=expr,
-            search_params={"metric_type": "IP"}, output_fields=out,
+    def _search(self, field: str, data: list[Any], k: int, expr: str) -> list[Candidate]:
+        res = self.client.search(
+            self.collection, data=data, anns_field=field, limit=min(k, _QUERY_WINDOW), filter=expr,
+            search_params={"metric_type": "IP"}, output_fields=_OUT,
         )
+        return [(h["id"], float(h["distance"])) for h in res[0]]
 
-    def search_route(self, route: str, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
-        expr = compile_filter(flt)
-        if route == "dense":
-            res = self._search(self.collection, "dense", [np.asarray(query, np.float32).tolist()], k, expr, [])
-            return [(h["id"], float(h["distance"])) for h in res[0]]
+    @staticmethod
+    def _route_data(route: str, query: Any) -> list[Any]:
         if route == "sparse":
-            if not query:
-                return []
-            res = self._search(self.collection, "sparse", [{int(t): float(w) for t, w in query.items()}], k, expr, [])
-            return [(h["id"], float(h["distance"])) for h in res[0]]
-        # ColBERT: top tokens per query vector, MaxSim summed per document (an upper
-        # bound estimate). Token rows carry no metadata; the store post-filters.
-        q = np.asarray(query, np.float32)
-        if q.shape[0] == 0:
+            return [{int(t): float(w) for t, w in query.items()}]
+        if route == "colbert":  # the mean query vector against the mean document vectors
+            return [np.asarray(query, np.float32).mean(axis=0).tolist()]
+        return [np.asarray(query, np.float32).tolist()]
+
+    _FIELD = {"dense": "dense", "sparse": "sparse", "colbert": "colbert_mean"}
+
+    def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
+        if query is None or len(query) == 0:
             return []
-        res = self._search(self.colbert_collection, "vec", [self._colbert_value(v) for v in q], k, "", ["doc_id"])
-        totals: dict[str, float] = defaultdict(float)
-        for hits in res:
-            best: dict[str, float] = {}
-            for h in hits:
-                doc = h["entity"]["doc_id"]
-                best[doc] = max(best.get(doc, -np.inf), float(h["distance"]))
-            for doc, s in best.items():
-                totals[doc] += s
-        ranked = sorted(totals.items(), key=lambda t: -t[1])[:k]
-        return [(d, s / q.shape[0]) for d, s in ranked]
+        return self._search(self._FIELD[route], self._route_data(route, query), k, compile_filter(flt))
 
-    def engine_search(self, query: dict[str, Any], weights: Weights, k: int, flt: FilterNode | None,
+    def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
+        """Exact per-route scores of stored ``ids``; ids not stored are left out.
+
+        Dense and sparse: one engine search per 1,024 ids restricted to them
+        (``id in [...]``), so only ids and scores travel. A stored id the sparse search
+        does not return shares no term (score 0); a dense vector the engine did not
+        return (a server's ANN index can miss) is fetched and scored here. ColBERT: the
+        packed matrices are read and MaxSim runs here, batched.
+        """
+        ids = list(dict.fromkeys(ids))
+        if not ids or not routes:
+            return {}
+        per_route: dict[str, dict[str, float]] = {}
+        for route in dict.fromkeys(routes):
+            if route == "colbert":
+                per_route[route] = self._colbert_scores(ids, query.colbert)
+            else:
+                per_route[route] = self._ip_scores(route, ids, query[route])
+        present = set.intersection(*(set(s) for s in per_route.values()))
+        return {rid: {r: s[rid] for r, s in per_route.items()} for rid in ids if rid in present}
+
+    def _ip_scores(self, route: str, ids: list[str], query: Any) -> dict[str, float]:
+        got: dict[str, float] = {}
+        if query is not None and len(query) > 0:
+            data = self._route_data(route, query)
+            for chunk in self.batched(ids, _ID_BATCH):
+                got.update(self._search(route, data, len(chunk), f"id in {_id_list(chunk)}"))
+        missing = [i for i in ids if i not in got]
+        if not missing:
+            return got
+        if route == "sparse" or query is None or len(query) == 0:
+            # An exact sparse search returns every document sharing a term: the rest score 0.
+            got.update(dict.fromkeys(self.existing_ids(missing), 0.0))
+            return got
+        if self.lite:  # FLAT search is exhaustive: an id it did not return is not stored
+            return got
+        # Not returned by the engine (a server's ANN index can miss): score the stored vectors.
+        vec = np.asarray(query, np.float64)
+        for rid, rec in self.fetch(missing, fields=("dense",)).items():
+            got[rid] = float(vec @ np.asarray(rec.dense, np.float64))
+        return got
+
+    def _colbert_scores(self, ids: list[str], query: Any) -> dict[str, float]:
+        refs = self._old_colbert(ids)
+        q = np.zeros((0, self._dim), np.float32) if query is None else np.asarray(query, np.float32)
+        if q.shape[0] == 0:
+            return {rid: 0.0 for rid in refs}
+        out: dict[str, float] = {}
+        # Bounded memory: about 64 documents' matrices at a time.
+        items = list(refs.items())
+        for start in range(0, len(items), 64):
+            part = dict(items[start : start + 64])
+            matrices = self._load_colbert(part)
+            out.update(zip(part, maxsim(q, [matrices[rid] for rid in part])))
+        return out
+
+    def engine_search(self, query: Vectors, weights: Weights, k: int, flt: FilterNode | None,
                       depth: int, method: FusionMethod) -> list[Candidate]:
-        """``hybrid_search`` over dense and sparse with ``WeightedRanker(norm_score=False)``
-        (weights ``w/sum(w)``, all in [0, 1]) or ``RRFRanker(60)``.
+        """Fusion in the engine, filtered on every route.
 
-        ColBERT lives in the companion collection, outside ``hybrid_search``: with a
-        ColBERT weight its term ``w_c/sum(w) * MaxSim`` is added for the fused
-        candidates from their stored token vectors (RRF ignores ColBERT).
+        ``"weighted"`` without a ColBERT weight: ``hybrid_search`` over dense and sparse
+        with ``WeightedRanker(w/sum(w), norm_score=False)``, the raw weighted sum in which
+        a route that did not return a document adds 0 (one route alone: its own search).
+
+        ``"weighted"`` with a ColBERT weight: ColBERT is outside ``hybrid_search`` on
+        Milvus Lite, and MaxSim costs about 0.8 MB read per document, so the engine
+        prepares and the client adds: ``hybrid_search`` returns the union of the dense
+        and sparse top-``depth`` lists (limit ``2 * depth``); their exact dense and sparse
+        scores come from :meth:`score` (engine searches, no vectors moved), which removes
+        the "missing route adds 0" error; MaxSim is computed for the best
+        ``max(k, depth // 2)`` of them by that partial sum only, and the top ``k`` by the
+        full M3 sum is returned (scores ``sum(w*s)/sum(w)``). ColBERT alone: the ColBERT
+        route's ``depth`` candidates ranked by MaxSim.
+
+        ``"rrf"``: ``RRFRanker(60)`` over the active routes' rankings (ColBERT's is the
+        ``colbert_mean`` route).
         """
         expr = compile_filter(flt)
-        total = sum(weights)
-        requests, route_weights = [], []
-        if weights.dense > 0:
-            requests.append(AnnSearchRequest([np.asarray(query["dense"], np.float32).tolist()], "dense",
-                                             {"metric_type": "IP"}, limit=depth, expr=expr))
-            route_weights.append(weights.dense / total)
-        if weights.sparse > 0 and query["sparse"]:
-            requests.append(AnnSearchRequest([{int(t): float(w) for t, w in query["sparse"].items()}], "sparse",
-                                             {"metric_type": "IP"}, limit=depth, expr=expr))
-            route_weights.append(weights.sparse / total)
-        colbert_weight = weights.colbert / total if method == "weighted" else 0.0
-        if not requests:  # ColBERT alone: its own candidates and MaxSim
-            fused = [(d, 0.0) for d, _ in self.search_route("colbert", query["colbert"], depth, flt)]
+        total = float(sum(weights))
+        usable = [r for r, w in zip(ROUTES, weights) if w > 0 and query[r] is not None and len(query[r]) > 0]
+        if method == "rrf":
+            requests = [self._request(r, query[r], depth, expr) for r in usable]
+            if not requests:
+                return []
+            res = self.client.hybrid_search(self.collection, requests, RRFRanker(60), limit=min(k, _QUERY_WINDOW),
+                                            output_fields=_OUT)
+            return [(h["id"], float(h["distance"])) for h in res[0]]
+        lexical = [r for r in usable if r != "colbert"]
+        w = {r: getattr(weights, r) / total for r in ROUTES}
+        if "colbert" not in usable:
+            if not lexical:
+                return []
+            if len(lexical) == 1:
+                return [(d, s * w[lexical[0]]) for d, s in self.search_route(lexical[0], query[lexical[0]], k, flt)]  # type: ignore[arg-type]
+            ranker = WeightedRanker(w["dense"], w["sparse"], norm_score=False)
+            res = self.client.hybrid_search(self.collection, [self._request(r, query[r], depth, expr) for r in lexical],
+                                            ranker, limit=min(k, _QUERY_WINDOW), output_fields=_OUT)
+            return [(h["id"], float(h["distance"])) for h in res[0]]
+        if not lexical:  # ColBERT alone: its own candidates
+            partial = {d: 0.0 for d, _ in self.search_route("colbert", query.colbert, depth, flt)}
+            keep = len(partial)
+        elif len(lexical) == 1:
+            route = lexical[0]
+            partial = {d: s * w[route] for d, s in self.search_route(route, query[route], depth, flt)}  # type: ignore[arg-type]
+            keep = max(k, depth // 2)
         else:
-            ranker = WeightedRanker(*route_weights, norm_score=False) if method == "weighted" else RRFRanker(60)
-            limit = depth if colbert_weight > 0 else k
-            res = self.client.hybrid_search(self.collection, requests, ranker, limit=min(limit, _QUERY_WINDOW))
-            fused = [(h["id"], float(h["distance"])) for h in res[0]]
-        if colbert_weight > 0:
-            recs = self.fetch([d for d, _ in fused])
-            q = np.asarray(query["colbert"], np.float32)
-            fused = [(d, s + colbert_weight * colbert_score(q, recs[d].colbert)) for d, s in fused if d in recs]
-            fused.sort(key=lambda t: -t[1])
+            ranker = WeightedRanker(w["dense"], w["sparse"], norm_score=False)
+            res = self.client.hybrid_search(self.collection, [self._request(r, query[r], depth, expr) for r in lexical],
+                                            ranker, limit=min(2 * depth, _QUERY_WINDOW), output_fields=_OUT)
+            exact = self.score([h["id"] for h in res[0]], query, ["dense", "sparse"])
+            partial = {d: w["dense"] * s["dense"] + w["sparse"] * s["sparse"] for d, s in exact.items()}
+            keep = max(k, depth // 2)
+        top = sorted(partial, key=lambda d: (-partial[d], d))[:keep]
+        maxsims = self._colbert_scores(top, query.colbert)
+        fused = [(d, partial[d] + w["colbert"] * maxsims[d]) for d in top if d in maxsims]
+        fused.sort(key=lambda t: (-t[1], t[0]))
         return fused[:k]
+
+    def _request(self, route: str, value: Any, depth: int, expr: str) -> Any:
+        return AnnSearchRequest(self._route_data(route, value), self._FIELD[route], {"metric_type": "IP"},
+                                limit=min(depth, _QUERY_WINDOW), expr=expr)
 
     def close(self) -> None:
         self.client.close()
