@@ -100,7 +100,16 @@ def _calibrated_sparse_head(model: Any, tokenizer: Any, hidden_size: int) -> Any
     batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     with torch.no_grad():
         hidden = model.eval()(**batch).last_hidden_state
-        pre = head(hidden).squeeze(-1)[batch["attention_mask"].bool() & (batch["input_ids"] > 3)]
+        keep = batch["attention_mask"].bool() & (batch["input_ids"] > 3)
+        # A wide random init makes the tokens of one text point almost the same way, so a
+        # random head gives a text all-zero or all-positive weights. Read the head along the
+        # direction in which tokens of the same text differ most, as a trained head does.
+        mean = (hidden * keep[..., None]).sum(1, keepdim=True) / keep.sum(1).clamp(min=1)[:, None, None]
+        within = (hidden - mean)[keep]
+        direction = torch.linalg.svd(within - within.mean(0), full_matrices=False).Vh[0]
+        head.weight.copy_(direction[None, :] * torch.sign(head.weight[0, 0] + 1e-12))
+        head.bias.zero_()
+        pre = head(hidden).squeeze(-1)[keep]
         low, mid = torch.quantile(pre.float(), torch.tensor([0.25, 0.5]))
         scale = 0.25 / max(float(mid - low), 1e-6)
         head.weight.mul_(scale)
