@@ -24,13 +24,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .adapters.base import Adapter, FusionMethod
 from .errors import InvalidInputError
 from .filters import FilterNode, matches
 from .scoring import Weights, combine
 from .types import ROUTES, Hit, Route, Vectors
 
-__all__ = ["QueryStats", "candidate_routes", "exact", "pushed"]
+__all__ = ["QueryStats", "COLBERT_NORM_LIMIT", "candidate_routes", "colbert_upper_bound", "exact", "pushed"]
+
+#: longest stored ColBERT row accepted (1 + rounding of float16 storage and of callers' normalisation)
+COLBERT_NORM_LIMIT = 1.01
 
 
 @dataclass
@@ -40,6 +45,8 @@ class QueryStats:
     candidates: int = 0
     score_calls: int = 0
     fetched_records: int = 0
+    #: candidates never scored for ColBERT because they provably could not reach the top k
+    pruned: int = 0
 
 
 def candidate_routes(weights: Weights, asked: Sequence[str] | None = None) -> tuple[Route, ...]:
@@ -92,7 +99,8 @@ def exact(
                 entry[route] = float(s)
     stats.candidates = len(scores)
     # Every active route needs a score for every candidate: ask the engine for the missing
-    # ones, one call per group of routes that miss the same candidates.
+    # ones, one call per group of routes that miss the same candidates. ColBERT, the costly
+    # one, comes last and only for candidates that can still reach the top k.
     groups: dict[tuple[str, ...], list[str]] = {}
     for route in active:
         missing = tuple(rid for rid, entry in scores.items() if route not in entry)
@@ -102,19 +110,81 @@ def exact(
             for rid in missing:
                 scores[rid][route] = 0.0
             continue
-        groups.setdefault(missing, []).append(route)
+        if route != "colbert":
+            groups.setdefault(missing, []).append(route)
     for missing, group in groups.items():
-        stats.score_calls += 1
-        got = adapter.score(list(missing), query, group)  # type: ignore[arg-type]
-        for rid in missing:
-            if rid in got:
-                scores[rid].update((r, got[rid][r]) for r in group)
-            else:  # deleted between search and scoring
-                scores.pop(rid, None)
+        _score_into(adapter, scores, list(missing), query, group, stats)
+    if "colbert" in active and _usable("colbert", query):
+        _colbert_with_threshold(adapter, scores, query, weights, k, stats)
     ranked = sorted(
         ((combine(entry, weights), rid) for rid, entry in scores.items()), key=lambda t: (-t[0], t[1])
     )
     return _hits(adapter, ranked, scores, k, flt, stats)
+
+
+def _score_into(
+    adapter: Adapter,
+    scores: dict[str, dict[str, float]],
+    ids: list[str],
+    query: Vectors,
+    routes: Sequence[str],
+    stats: QueryStats,
+) -> None:
+    stats.score_calls += 1
+    got = adapter.score(ids, query, routes)  # type: ignore[arg-type]
+    for rid in ids:
+        if rid in got:
+            scores[rid].update((r, got[rid][r]) for r in routes)
+        else:  # deleted between search and scoring
+            scores.pop(rid, None)
+
+
+def colbert_upper_bound(query: Vectors) -> float:
+    """An upper bound of the ColBERT score of ``query`` against any stored document.
+
+    Stored ColBERT rows are L2-normalised (the encoder normalises them; ``add_vectors``
+    refuses rows longer than :data:`COLBERT_NORM_LIMIT`), so ``q_i . p_j <= |q_i| * limit``.
+    """
+    q = np.asarray(query.colbert, np.float64)
+    return float(np.linalg.norm(q, axis=1).mean()) * COLBERT_NORM_LIMIT if len(q) else 0.0
+
+
+def _colbert_with_threshold(
+    adapter: Adapter,
+    scores: dict[str, dict[str, float]],
+    query: Vectors,
+    weights: Weights,
+    k: int,
+    stats: QueryStats,
+) -> None:
+    """Score ColBERT for the candidates that can still enter the top k, best first.
+
+    Candidates go in order of their other routes' weighted sum; once the k-th best exact
+    score beats what the next candidate could reach with a perfect ColBERT score, the rest
+    are left out: they cannot be in the top k (a threshold algorithm, so still exact).
+    """
+    total = sum(weights)
+    partial = {
+        rid: sum(getattr(weights, r) * entry[r] for r in weights.active_routes if r != "colbert")
+        for rid, entry in scores.items()
+    }
+    best: list[float] = sorted(
+        (combine(entry, weights) for entry in scores.values() if "colbert" in entry), reverse=True
+    )[:k]
+    todo = sorted((rid for rid, entry in scores.items() if "colbert" not in entry), key=lambda r: -partial[r])
+    reach = weights.colbert * colbert_upper_bound(query)
+    batch = max(2 * k, 32)
+    start = 0
+    while start < len(todo):
+        if len(best) >= k and (partial[todo[start]] + reach) / total < best[k - 1]:
+            break
+        chunk = todo[start : start + batch]
+        start += len(chunk)
+        _score_into(adapter, scores, chunk, query, ["colbert"], stats)
+        best = sorted(best + [combine(scores[r], weights) for r in chunk if r in scores], reverse=True)[:k]
+    stats.pruned = len(todo) - start
+    for rid in todo[start:]:  # provably outside the top k
+        del scores[rid]
 
 
 def _hits(

@@ -293,6 +293,13 @@ class M3Store:
             sparse[int(key)] = float(weight)
         if not (np.isfinite(dense).all() and np.isfinite(colbert).all() and np.isfinite(list(sparse.values())).all()):
             raise InvalidInputError(f"vectors[{i}] holds NaN or infinite values")
+        norms = np.linalg.norm(colbert, axis=1)
+        if len(norms) and norms.max() > _fusion.COLBERT_NORM_LIMIT:
+            row = int(norms.argmax())
+            raise InvalidInputError(
+                f"vectors[{i}].colbert row {row} has norm {norms[row]:.4f}: ColBERT rows must be "
+                "L2-normalised, as BGE-M3 makes them (exact fusion relies on it)"
+            )
         return Vectors(dense=dense, sparse=sparse, colbert=colbert)
 
     def ingest(

@@ -38,13 +38,15 @@ def test_add_vectors_then_exact_search_equals_brute_force(store_factory) -> None
     assert store.add_vectors(docs, texts=[f"text {i}" for i in ids], ids=ids, metadata=[{"i": i} for i in range(60)]) == ids
     assert store.count() == 60
     query = _corpus(1, seed=9)[0]
-    for weights in [(1, 0, 0), (0.4, 0.2, 0.4), (0, 0, 1)]:
+    for weights in [(1, 0, 0), (0.4, 0.2, 0.4), (0, 0, 1), (0.8, 0.1, 0.1)]:
         truth = sorted(((scoring.combine(scoring.pair_scores(query, d), weights), rid) for rid, d in zip(ids, docs)),
                        key=lambda t: (-t[0], t[1]))[:5]
         hits = store.search_by_vectors(query, k=5, weights=weights)
         assert [h.id for h in hits] == [rid for _, rid in truth], weights
         np.testing.assert_allclose([h.score for h in hits], [s for s, _ in truth], atol=1e-5)
         assert hits[0].text == f"text {hits[0].id}"
+        if weights == (0.8, 0.1, 0.1):  # most candidates provably miss the top 5: ColBERT skips them
+            assert store.last_query_stats.pruned > 0, store.last_query_stats
 
 
 def test_add_vectors_refuses_bad_vectors_and_stores_nothing(store_factory) -> None:
@@ -57,6 +59,7 @@ def test_add_vectors_refuses_bad_vectors_and_stores_nothing(store_factory) -> No
         (Vectors(dense=good[0].dense, sparse={}, colbert=np.ones((3, 9), np.float32)), "colbert must have shape"),
         (Vectors(dense=good[0].dense * np.nan, sparse={}, colbert=good[0].colbert), "NaN"),
         (Vectors(dense=good[0].dense, sparse=None, colbert=good[0].colbert), "sparse must be a dict"),
+        (Vectors(dense=good[0].dense, sparse={}, colbert=good[0].colbert * 2), "L2-normalised"),
     ]
     for vec, message in bad:
         with pytest.raises(m3connect.M3Error, match=message):
