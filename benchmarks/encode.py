@@ -1,4 +1,4 @@
-"""Encoding throughput and fidelity: m3connect's ``M3Encoder`` against FlagEmbedding, in one run.
+"""Encoding throughput and fidelity: m3connect's ``M3Encoder`` against FlagEmbedding and onnxruntime, in one run.
 
 Both sides get the same random BGE-M3-layout checkpoint, the same mixed-length corpus,
 the same torch thread count and ``max_length``, and both return all three outputs
@@ -6,15 +6,22 @@ the same torch thread count and ``max_length``, and both return all three output
 
 * ``flagembedding-fp32``: FlagEmbedding's ``M3Embedder`` (what ``BGEM3FlagModel`` is), fp32 CPU,
   ``encode(texts, batch_size=256, max_length=..., return_dense/sparse/colbert_vecs=True)``.
-* ``m3connect-fp32`` / ``-bf16`` / ``-int8``: ``M3Encoder(path, device="cpu", dtype=...)``.
+* ``onnxruntime-fp32``: the ONNX peer, what ``bge-m3-lite`` does: the same checkpoint's backbone
+  exported with ``torch.onnx.export`` and run by onnxruntime (CPU provider, ``--threads`` intra-op
+  threads), the three heads in numpy (``m3connect.onnx_backend.OnnxM3Encoder``; tokenisation,
+  length-sorted batching and its token budget as m3connect's fp32 CPU default).
+* ``m3connect-fp32`` / ``-auto`` / ``-int8``: ``M3Encoder(path, device="cpu", dtype=...)``; ``auto`` is
+  the default (bf16 on a CPU with AMX or AVX512-BF16, else fp32) and the table names what it
+  picked. Where ``auto`` is not bf16, an explicit ``m3connect-bf16`` row is added.
 
 Every row is warmed up once on a few texts, then the modes are timed round-robin (the order
 rotates each repetition, so background load hits them alike) and the **best** repetition is
 reported (the median is in the JSON too). Tokens are counted after truncation, CLS/EOS included.
 
-Fidelity: fp32 parity (max abs difference of all three outputs against FlagEmbedding) and, for
-bf16 and int8 against m3connect fp32, dense cosine and the mean top-10 overlap of corpus rankings
-by the combined M3 score (weights 1, 1, 1) for short synthetic queries.
+Fidelity: fp32 parity (max abs difference of all three outputs against FlagEmbedding, for
+m3connect fp32 and for the onnxruntime peer) and, for the reduced-precision modes against
+m3connect fp32, dense cosine and the mean top-10 overlap of corpus rankings by the combined M3
+score (weights 1, 1, 1) for short synthetic queries.
 
 The checkpoint is built with ``initializer_range=0.1`` (override with ``--init-range``):
 ``make_tiny_checkpoint``'s default of 0.6 spreads test scores but makes a 4-layer, 256-wide
@@ -58,9 +65,11 @@ from m3connect.testing import make_tiny_checkpoint, synthetic_corpus  # noqa: E4
 FULL_SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, vocab_size=8000)
 QUICK_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, vocab_size=1000)
 FLAG = "flagembedding-fp32"
-M3_MODES = {"m3connect-fp32": "float32", "m3connect-bf16": "bfloat16", "m3connect-int8": "int8"}
-ROWS = [FLAG, *M3_MODES]
+ONNX = "onnxruntime-fp32"
+AUTO = "m3connect-auto"
+M3_MODES = {"m3connect-fp32": "float32", AUTO: "auto", "m3connect-int8": "int8"}
 FAST_MODE = "m3connect-int8"
+TARGET_DEFAULT_COSINE = 0.999
 PARITY_ATOL = 1e-5
 TARGET_FP32_SPEEDUP = 1.05
 TARGET_FAST_SPEEDUP = 1.8
@@ -188,6 +197,38 @@ def _m3_encoder(path: Path, dtype: str, max_length: int) -> Callable[[list[str]]
     return run
 
 
+def _onnx_encoder(path: Path, max_length: int, threads: int, workdir: Path) -> Callable[[list[str]], dict[str, Any]]:
+    from m3connect.onnx_backend import OnnxM3Encoder
+
+    t0 = time.perf_counter()
+    enc = OnnxM3Encoder(path, onnx_dir=workdir / "onnx", export=True, threads=threads)
+    export_seconds = time.perf_counter() - t0
+
+    def run(texts: list[str]) -> dict[str, Any]:
+        out = enc.encode(texts, max_length=max_length)
+        return {
+            "dense": out.dense,
+            "sparse": out.sparse,
+            "colbert": out.colbert,
+            "num_tokens": out.num_tokens,
+            "truncated": out.truncated,
+            "export_seconds": export_seconds,
+            "tokens_per_batch": enc.tokens_per_batch,
+        }
+
+    return run
+
+
+def _onnx_available() -> str | None:
+    """onnxruntime's version, or None when the peer cannot run here."""
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+        import onnxruntime
+    except ImportError:
+        return None
+    return str(onnxruntime.__version__)
+
+
 def _time_round_robin(
     runners: dict[str, Callable[[list[str]], dict[str, Any]]], texts: list[str], warmup: list[str], reps: int
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, Any]]]:
@@ -293,12 +334,13 @@ def _fidelity(
 def _markdown(report: dict[str, Any]) -> str:
     m, c = report["machine"], report["config"]
     lines = [
-        f"## Encoding: m3connect vs FlagEmbedding ({'quick smoke run' if c['quick'] else 'full run'})",
+        f"## Encoding: m3connect vs FlagEmbedding and onnxruntime ({'quick smoke run' if c['quick'] else 'full run'})",
         "",
         f"- machine: {m['cpu']}, {m['logical_cores']} logical cores "
         f"(AVX512-VNNI {'yes' if m['avx512_vnni'] else 'no'}, AVX512-BF16 {'yes' if m['avx512_bf16'] else 'no'}, "
         f"AMX {'yes' if m['amx'] else 'no'}); torch {m['torch']}, transformers {m['transformers']}, "
-        f"FlagEmbedding {m['FlagEmbedding']}, Python {m['python']}",
+        f"FlagEmbedding {m['FlagEmbedding']}, onnxruntime {m.get('onnxruntime') or 'not installed'}, "
+        f"Python {m['python']}",
         f"- torch threads: {c['threads']}; date: {report['date']}; load average before/after: "
         f"{report['loadavg_before']} / {report['loadavg_after']}",
         f"- checkpoint: random XLM-R {c['checkpoint']} (initializer_range {c['init_range']}); corpus: "
@@ -307,13 +349,15 @@ def _markdown(report: dict[str, Any]) -> str:
         f"- timing: warm-up on {c['warmup_docs']} texts, then {c['reps']} repetitions round-robin; "
         f"**best** repetition shown (median in the JSON). All rows return dense + sparse + ColBERT.",
         "",
-        "| implementation | dtype | best s | median s | docs/s | tokens/s | vs FlagEmbedding | cores busy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| implementation | dtype | best s | median s | docs/s | tokens/s | vs FlagEmbedding | vs onnxruntime "
+        "| cores busy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
+        vs_onnx = f"{r['speedup_vs_onnx']:.2f}x" if r.get("speedup_vs_onnx") else "-"
         lines.append(
             f"| {r['name']} | {r['dtype']} | {r['seconds_best']:.2f} | {r['seconds_median']:.2f} | "
-            f"{r['docs_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_flag']:.2f}x | "
+            f"{r['docs_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_flag']:.2f}x | {vs_onnx} | "
             f"{r['cores_busy_best']:.2f} |"
         )
     lines += [
@@ -333,13 +377,24 @@ def _markdown(report: dict[str, Any]) -> str:
         )
         + ".",
     ]
-    p = report["parity_fp32"]
+    lines.append("")
+    for label, key in (("m3connect fp32", "parity_fp32"), ("onnxruntime fp32", "parity_onnx")):
+        p = report.get(key)
+        if not p:
+            continue
+        lines.append(
+            f"- {label} parity vs FlagEmbedding (atol {p['atol']:g}): dense max |diff| "
+            f"{p['dense_max_abs_diff']:.2e}, sparse {p['sparse_max_abs_diff']:.2e} "
+            f"({p['sparse_key_mismatches']} key mismatches), ColBERT {p['colbert_max_abs_diff']:.2e}, "
+            f"token counts equal: {p['num_tokens_equal']} -> **{'ok' if p['ok'] else 'FAILED'}**"
+        )
+    if report.get("onnx"):
+        o = report["onnx"]
+        lines.append(
+            f"- onnxruntime peer: export {o['export_seconds']:.1f} s (not timed in its rows), "
+            f"{o['tokens_per_batch']} tokens per call, {c['threads']} intra-op threads"
+        )
     lines += [
-        "",
-        f"fp32 parity vs FlagEmbedding (atol {p['atol']:g}): dense max |diff| {p['dense_max_abs_diff']:.2e}, "
-        f"sparse {p['sparse_max_abs_diff']:.2e} ({p['sparse_key_mismatches']} key mismatches), "
-        f"ColBERT {p['colbert_max_abs_diff']:.2e}, token counts equal: {p['num_tokens_equal']} -> "
-        f"**{'ok' if p['ok'] else 'FAILED'}**",
         "",
         f"Fidelity vs m3connect fp32 ({c['n_queries']} queries, ranking by combined score, weights {list(WEIGHTS)}):",
         "",
@@ -388,8 +443,10 @@ def _conditioning_check(workdir: Path, shape: dict[str, int], args: argparse.Nam
     rebatched = enc.encode(texts, max_length=args.max_length, batch_size=3)
     base = {"dense": fp32.dense, "colbert": fp32.colbert}
     fid = {}
-    for name in ("m3connect-bf16", "m3connect-int8"):
-        out = _m3_encoder(path, M3_MODES[name], args.max_length)(texts)
+    for name, dtype in args.modes.items():
+        if dtype == "float32":
+            continue
+        out = _m3_encoder(path, dtype, args.max_length)(texts)
         fid[name] = _fidelity(base, out, None, None)
     return {
         "init_range": 0.6,
@@ -413,6 +470,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-queries", type=int, default=20)
     ap.add_argument("--init-range", type=float, default=0.1, help="checkpoint initializer_range")
     ap.add_argument("--stress-docs", type=int, default=None, help="texts for the conditioning check (0 skips)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime peer row")
     args = ap.parse_args(argv)
     quick = args.quick
     args.n_docs = args.n_docs or (24 if quick else 384)
@@ -426,6 +484,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     shape = QUICK_SHAPE if quick else FULL_SHAPE
+    from m3connect.encoder import resolve_dtype
+
+    auto_dtype = resolve_dtype("auto", "cpu")
+    args.modes = dict(M3_MODES)
+    if auto_dtype != "bfloat16":  # show bf16 anyway, beside what auto picked
+        args.modes = {**M3_MODES, "m3connect-bf16": "bfloat16"}
+    onnx_version = None if args.no_onnx else _onnx_available()
     started = time.perf_counter()
     loadavg_before = _loadavg()
 
@@ -439,7 +504,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warmup = texts[:4] + [max(texts, key=len)]
 
         runners = {FLAG: _flag_encoder(path, args.max_length)}
-        for name, dtype in M3_MODES.items():
+        if onnx_version:
+            runners[ONNX] = _onnx_encoder(path, args.max_length, threads, workdir)
+            phases["onnx_export"] = time.perf_counter() - started - sum(phases.values())
+        for name, dtype in args.modes.items():
             runners[name] = _m3_encoder(path, dtype, args.max_length)
         print(f"timing {len(texts)} texts x {args.reps} reps, {threads} threads", file=sys.stderr, flush=True)
         timing, outputs = _time_round_robin(runners, texts, warmup, args.reps)
@@ -449,12 +517,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokens = int(sum(outputs["m3connect-fp32"]["num_tokens"]))
         truncated = len(outputs["m3connect-fp32"]["truncated"])
         rows = []
-        for name in ROWS:
+        for name in runners:
             best, median = min(times[name]), statistics.median(times[name])
+            dtype = args.modes.get(name, "float32")
             rows.append(
                 {
                     "name": name,
-                    "dtype": "float32" if name == FLAG else M3_MODES[name],
+                    "dtype": f"auto -> {auto_dtype}" if dtype == "auto" else dtype,
                     "seconds_best": best,
                     "seconds_median": median,
                     "seconds_all": times[name],
@@ -471,18 +540,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         no_probe = [t - p for t, p in zip(times[FLAG], timing["probe"][FLAG])]
         rows[0]["probe_seconds_all"] = timing["probe"][FLAG]
         rows[0]["seconds_best_without_probe"] = min(no_probe)
+        onnx_best = min(times[ONNX]) if ONNX in times else None
         for r in rows:
+            r["speedup_vs_onnx"] = onnx_best / r["seconds_best"] if onnx_best else None
             r["speedup_vs_flag"] = flag_best / r["seconds_best"]
             r["speedup_vs_flag_median"] = rows[0]["seconds_median"] / r["seconds_median"]
             r["speedup_vs_flag_without_probe"] = min(no_probe) / r["seconds_best"]
 
         parity = _parity(outputs["m3connect-fp32"], outputs[FLAG])
+        parity_onnx = _parity(outputs[ONNX], outputs[FLAG]) if ONNX in outputs else None
         k = min(10, len(texts))
-        q_out = {name: runners[name](queries) for name in M3_MODES}
-        tops = {name: _rankings(q_out[name], outputs[name], k) for name in M3_MODES}
+        q_out = {name: runners[name](queries) for name in args.modes}
+        tops = {name: _rankings(q_out[name], outputs[name], k) for name in args.modes}
         fidelity = {
             name: _fidelity(outputs["m3connect-fp32"], outputs[name], tops["m3connect-fp32"], tops[name])
-            for name in ("m3connect-bf16", "m3connect-int8")
+            for name in args.modes
+            if name != "m3connect-fp32"
         }
         phases["fidelity"] = time.perf_counter() - started - sum(phases.values())
         stress = _conditioning_check(workdir, shape, args) if args.stress_docs > 0 else None
@@ -500,7 +573,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "value": f"{speed[FAST_MODE]:.2f}x, dense cos min {fast['dense_cos_min']:.4f}",
         },
     }
-    machine = {**_cpuinfo(), **_versions(), "hostname": socket.gethostname()}
+    if parity_onnx is not None:
+        auto_fid = fidelity[AUTO] if AUTO in fidelity else {"dense_cos_min": 1.0}
+        vs_onnx = speed[AUTO] / speed[ONNX]
+        targets[f"onnxruntime peer at parity with FlagEmbedding (atol {PARITY_ATOL:g})"] = {
+            "met": bool(parity_onnx["ok"]),
+            "value": f"dense max |diff| {parity_onnx['dense_max_abs_diff']:.1e}",
+        }
+        targets[
+            f"default (dtype=auto -> {auto_dtype}) faster than onnxruntime fp32, dense cos >= {TARGET_DEFAULT_COSINE}"
+        ] = {
+            "met": bool(vs_onnx > 1.0 and auto_fid["dense_cos_min"] >= TARGET_DEFAULT_COSINE),
+            "value": f"{vs_onnx:.2f}x onnxruntime, dense cos min {auto_fid['dense_cos_min']:.5f}",
+        }
+    machine = {**_cpuinfo(), **_versions(), "onnxruntime": onnx_version, "hostname": socket.gethostname()}
     report = {
         "benchmark": "encode",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -521,11 +607,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "flag_call": "M3Embedder(use_fp16=False, devices='cpu').encode(texts, batch_size=256, max_length=L, "
             "return_dense=True, return_sparse=True, return_colbert_vecs=True)",
             "m3_call": "M3Encoder(path, device='cpu', dtype=D, show_progress=False).encode(texts, max_length=L)",
+            "onnx_call": "OnnxM3Encoder(path, threads=T).encode(texts, max_length=L)  # m3connect.onnx_backend",
         },
         "tokens": tokens,
         "truncated": truncated,
         "rows": rows,
         "parity_fp32": parity,
+        "parity_onnx": parity_onnx,
+        "onnx": (
+            {k: outputs[ONNX][k] for k in ("export_seconds", "tokens_per_batch")} if ONNX in outputs else None
+        ),
+        "auto_dtype": auto_dtype,
         "fidelity": fidelity,
         "conditioning_check": stress,
         "targets": targets,

@@ -16,12 +16,17 @@ Rows, each returning all three outputs (dense, sparse, ColBERT) for every text:
 * ``m3connect-fp16`` / ``m3connect-bf16``: ``M3Encoder(path, device="cuda", dtype=...)``,
   ``encode(texts, max_length=L)`` (default 65,536-token batches, batch k+1 queued before
   batch k's outputs are fetched).
+* ``m3connect-bf16-compile`` (with ``--compile``): ``M3Encoder(..., dtype="bfloat16", compile=True)``,
+  the backbone through ``torch.compile`` (static shapes: length buckets, power-of-two rows); its
+  compile time is spent in the warm-up, outside the timing, and reported. The results then go to
+  ``encode-gpu-compile-<card>.json/md`` so that a full run's files are kept.
 * ``m3connect-fp16-serial`` (one length only): the same encoder with that overlap switched off
   (``enc._pipeline = False``: one batch at a time, as before it existed).
 
 For each max_length L (default 128, 512, 8192) the corpus is synthetic text of ~1.2 L tokens per
-text, so nearly every text is cut at exactly L tokens (CLS and EOS included; the JSON's
-``texts_cut_at_max_length`` says how many: 766 of 768 at L=512 on the H200); tokens/s counts
+text (words per text from the toy tokenizer's measured tokens per word), so nearly every text is
+cut at exactly L tokens (CLS and EOS included; the JSON's ``texts_cut_at_max_length`` says how
+many: 766 of 768 at L=512 on the H200); tokens/s counts
 tokens after truncation. Each row is warmed up on the same texts once, then the rows are timed
 round-robin (``torch.cuda.synchronize`` before and after each ``encode``), and the best of
 ``--reps`` repetitions is reported (medians in the JSON). Tokenisation, host post-processing and
@@ -92,6 +97,7 @@ QUICK_TOKENS = 4096
 FLAG = "flagembedding-fp16"
 M3_ROWS = {"m3connect-fp16": "float16", "m3connect-bf16": "bfloat16"}
 SERIAL = "m3connect-fp16-serial"
+COMPILED = "m3connect-bf16-compile"
 FLAG_BATCH = 256  # FlagEmbedding's default
 BACKBONE_TOKENS = 65536  # = m3connect's default CUDA token budget
 N_FP32_TEXTS = 16
@@ -288,8 +294,10 @@ class FlagRow:
 
 
 class M3Row:
-    def __init__(self, path: Path, device: torch.device, dtype: str, pipeline: bool = True) -> None:
-        self.enc = M3Encoder(path, device=str(device), dtype=dtype, show_progress=False)
+    def __init__(
+        self, path: Path, device: torch.device, dtype: str, pipeline: bool = True, compile: bool = False
+    ) -> None:
+        self.enc = M3Encoder(path, device=str(device), dtype=dtype, show_progress=False, compile=compile)
         if not pipeline:
             self.enc._pipeline = False
         self.note = None
@@ -311,18 +319,20 @@ def _time_rows(
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]], dict[str, str]]:
     errors: dict[str, str] = {}
     names = []
+    warmup: dict[str, float] = {}
     for name, run in runners.items():
         try:
             _sync(device)
             t0 = time.perf_counter()
             run(texts, max_length)
             _sync(device)
-            log(f"  L={max_length} warm-up {name:<22} {time.perf_counter() - t0:7.2f} s")
+            warmup[name] = time.perf_counter() - t0
+            log(f"  L={max_length} warm-up {name:<22} {warmup[name]:7.2f} s")
             names.append(name)
         except Exception as exc:  # one broken row must not cost the others
             errors[name] = f"{type(exc).__name__}: {exc}"
             log(f"  L={max_length} {name} FAILED: {errors[name]}")
-    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "probe": []} for n in names}
+    times: dict[str, dict[str, Any]] = {n: {"wall": [], "probe": [], "warmup": warmup[n]} for n in names}
     outputs: dict[str, dict[str, Any]] = {}
     for rep in range(reps if names else 0):
         shift = rep % len(names)
@@ -347,6 +357,16 @@ def _time_rows(
     return times, outputs, errors
 
 
+def _tokens_per_word(path: Path) -> float:
+    """Tokens per word of ``synthetic_corpus`` text under the checkpoint's tokenizer (CLS/EOS excluded)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    sample = synthetic_corpus(64, min_words=200, max_words=200, seed=99)
+    ids = tok(sample, add_special_tokens=False)["input_ids"]
+    return sum(len(x) for x in ids) / (200 * len(sample))
+
+
 def _backbone_forward(
     enc: M3Encoder,
     length: int,
@@ -360,12 +380,16 @@ def _backbone_forward(
     batch = max(1, tokens // length)
     gen = torch.Generator().manual_seed(length)
     ids = torch.randint(4, enc.vocab_size - 1, (batch, length), generator=gen).to(device)
+    run, mask = enc._backbone, None
+    if getattr(enc, "compiled", False):
+        # The compiled backbone always gets an additive mask (one graph per shape): an all-zero one.
+        run, mask = enc._run_backbone, enc._attention_bias(np.ones((batch, length), dtype=bool))
     times = []
     with torch.inference_mode():
         for i in range(reps + 1):
             _sync(device)
             t0 = time.perf_counter()
-            enc._backbone(input_ids=ids, attention_mask=None)
+            run(input_ids=ids, attention_mask=mask)
             _sync(device)
             if i:
                 times.append(time.perf_counter() - t0)
@@ -498,6 +522,15 @@ def _markdown(report: dict[str, Any]) -> str:
                 f"{p['sparse_max_abs_diff']:.2e} ({p['sparse_key_mismatches']}) | {p['colbert_max_abs_diff']:.2e} | "
                 f"{p['num_tokens_equal'] and p['colbert_shapes_equal']} |"
             )
+    for L in report["lengths"]:
+        cv = L.get("compile_vs_eager_bf16")
+        if cv:
+            warm = next((r["warmup_seconds"] for r in L["rows"] if r["name"] == COMPILED), None)
+            lines.append(
+                f"\n{COMPILED} vs m3connect-bf16 (L={L['max_length']}, same texts): dense cos min "
+                f"{cv['dense_cos_min']:.6f}, dense max abs diff {cv['dense_max_abs_diff']:.2e}, ColBERT max abs diff "
+                f"{cv['colbert_max_abs_diff']:.2e}; its warm-up (compiling included) took {_fmt(warm, '.1f')} s"
+            )
     serial = [L for L in report["lengths"] if L.get("overlap_vs_serial_identical") is not None]
     for L in serial:
         lines.append(
@@ -546,6 +579,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--serial-length", type=int, default=None, help="L with the serial m3connect row (default 512)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense fp16/bf16 peak")
     ap.add_argument("--no-flag", action="store_true", help="skip FlagEmbedding")
+    ap.add_argument("--compile", action="store_true", help="add a torch.compile'd bf16 row")
+    ap.add_argument("--no-fp32-check", action="store_true", help="skip the dense check against fp32")
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
@@ -578,7 +613,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     phase("setup")
 
     report: dict[str, Any] = {"benchmark": "encode_gpu"}
-    stem = f"encode-gpu-{'quick-' if quick else ''}{_slug(machine['card'] if device.type == 'cuda' else 'cpu')}"
+    stem = f"encode-gpu-{'quick-' if quick else ''}{'compile-' if args.compile else ''}"
+    stem += _slug(machine["card"] if device.type == "cuda" else "cpu")
     with tempfile.TemporaryDirectory(prefix="m3-encode-gpu-") as tmp:
         path = make_tiny_checkpoint(Path(tmp) / "ckpt", **shape)
         cfg_json = json.loads((path / "config.json").read_text())
@@ -591,6 +627,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "colbert_dim": shape["hidden_size"],
         }
         h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_layers"]
+        tokens_per_word = _tokens_per_word(path)
+        log(f"toy tokenizer: {tokens_per_word:.2f} tokens per synthetic word")
 
         runners: dict[str, Any] = {}
         if not args.no_flag:
@@ -603,6 +641,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log(notes[-1])
         for name, dtype in M3_ROWS.items():
             runners[name] = M3Row(path, device, dtype)
+        if args.compile:
+            runners[COMPILED] = M3Row(path, device, "bfloat16", compile=True)
         serial = M3Row(path, device, "float16", pipeline=False)
         phase("load")
 
@@ -623,6 +663,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "max_length=L, return_dense=True, return_sparse=True, return_colbert_vecs=True)",
             "m3_call": "M3Encoder(path, device='cuda', dtype=D, show_progress=False).encode(texts, max_length=L)",
             "flops_formula": "n*[l*(8h^2+4hf) + 2h(c+1)] + l*4*h*n^2 per text of n tokens",
+            "tokens_per_word": tokens_per_word,
         }
         report.update(
             date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -637,8 +678,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             n_texts = max(1, tokens_target // L)
             if L >= 4096:
                 n_texts = min(n_texts, args.max_texts_8192)
-            # ~3.6 tokens per word with the toy tokenizer: L/3 words overfill L by ~20%.
-            words = L // 3 + 16
+            # Words for ~1.2 L tokens with this checkpoint's toy tokenizer: nearly every text is cut at L.
+            words = int(1.2 * L / tokens_per_word) + 16
             texts = synthetic_corpus(n_texts, min_words=words, max_words=words, seed=L)
             rows_here = dict(runners)
             if L == serial_length:
@@ -662,6 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "tflops": flops / best / 1e12,
                     "mfu": flops / best / 1e12 / peak if peak else None,
                     "tokens_equal_to_reference": list(outputs[name]["num_tokens"]) == num_tokens,
+                    "warmup_seconds": t["warmup"],
                 }
                 if name == FLAG:
                     row["probe_seconds_all"] = t["probe"]
@@ -684,6 +726,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             }
             if FLAG in outputs and "m3connect-fp16" in outputs:
                 entry["parity_fp16_vs_flag"] = _parity(outputs["m3connect-fp16"], outputs[FLAG])
+            if COMPILED in outputs and "m3connect-bf16" in outputs:
+                a, b = outputs[COMPILED], outputs["m3connect-bf16"]
+                entry["compile_vs_eager_bf16"] = {
+                    "dense_cos_min": float(np.min(np.sum(a["dense"] * b["dense"], axis=1))),
+                    "dense_max_abs_diff": float(np.abs(a["dense"] - b["dense"]).max()),
+                    "colbert_max_abs_diff": _max_abs(a["colbert"], b["colbert"])[0],
+                }
             if SERIAL in outputs and "m3connect-fp16" in outputs:
                 a, b = outputs["m3connect-fp16"], outputs[SERIAL]
                 entry["overlap_vs_serial_identical"] = bool(
@@ -693,7 +742,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
             del outputs
             entry["backbone"] = {}
-            for name, dtype in M3_ROWS.items():
+            backbones = {dtype: name for name, dtype in M3_ROWS.items()}
+            if COMPILED in runners:
+                backbones["bfloat16-compile"] = COMPILED
+            for dtype, name in backbones.items():
                 try:
                     entry["backbone"][dtype] = _backbone_forward(
                         runners[name].enc, L, device, cfg, peak, tokens=min(BACKBONE_TOKENS, tokens_target)
@@ -716,9 +768,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         # Dense vectors against an fp32 run of m3connect, on a few texts.
         Lp = 512 if 512 in lengths else lengths[-1]
-        words = Lp // 3 + 16
+        words = int(1.2 * Lp / tokens_per_word) + 16
         few = synthetic_corpus(N_FP32_TEXTS, min_words=words // 2, max_words=words, seed=7)
         try:
+            if args.no_fp32_check:
+                raise RuntimeError("skipped (--no-fp32-check)")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             fp32 = M3Encoder(path, device=str(device), dtype="float32", show_progress=False).encode(few, max_length=Lp)

@@ -27,14 +27,14 @@ from . import scoring
 from .errors import InvalidInputError, InvalidTypeError, ModelLoadError
 from .types import EncodeOutput, Vectors
 
-__all__ = ["M3Encoder", "DEFAULT_MODEL"]
+__all__ = ["M3Encoder", "DEFAULT_MODEL", "cpu_has_native_bf16", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "BAAI/bge-m3"
 SPARSE_HEAD_FILE = "sparse_linear.pt"
 COLBERT_HEAD_FILE = "colbert_linear.pt"
-DTypeName = Literal["float32", "float16", "bfloat16", "int8"]
+DTypeName = Literal["auto", "float32", "float16", "bfloat16", "int8"]
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -54,7 +54,15 @@ _DEFAULT_TOKEN_BUDGET = {"cpu": 16384, "cuda": 65536}
 # 20-30% more tokens/s than a flat 16384, for BGE-M3's shape (cap 1024 tokens) as for a
 # 256-wide model (cap 4096); the matrix kernels stay busy at those sizes.
 _CPU_ACTIVATION_BYTES = 16 * 1024 * 1024
+# bf16 (oneDNN-fused linears) wants bigger batches: every new batch shape costs oneDNN a kernel
+# set-up of a few ms, and attention gets more blocks to share out. Same VM and 256-wide model:
+# 2.9-3.0 CPU-s at 16384 and 32768 tokens, 3.4-3.6 at 8192, 4.6 at 4096 (for 96 texts).
+_CPU_ACTIVATION_BYTES_BF16 = 32 * 1024 * 1024
 _CPU_MIN_TOKEN_BUDGET = 512
+# compile=True: batch widths are padded up to one of these (then to the model's limit), and
+# rows to a power of two, so that the compiled backbone meets a bounded set of static shapes.
+_COMPILE_WIDTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+_COMPILE_RECOMPILE_LIMIT = 64
 # Below this many texts the progress bar stays hidden unless asked for.
 _PROGRESS_MIN_TEXTS = 256
 
@@ -108,6 +116,95 @@ def _load_head(directory: Path, filename: str, in_dim: int, out_dim: int | None)
     return head
 
 
+class _FusedLinear(torch.nn.Module):
+    """A CPU ``nn.Linear`` as one oneDNN matmul with the bias (and a GELU) applied in its epilogue.
+
+    torch's own CPU ``addmm`` first copies the broadcast bias into the output and then runs the
+    matrix product, and a GELU is a third pass over memory; in bf16 those passes cost as much as
+    the product itself. ``mkldnn::_linear_pointwise`` is the op ``torch.compile`` emits for this.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, gelu: bool = False) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.out_features = linear.out_features
+        self._attr, self._algorithm = ("gelu", "none") if gelu else ("none", "")  # "none": erf GELU
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, self._attr, [], self._algorithm)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class _FusedResidualOutput(torch.nn.Module):
+    """``LayerNorm(dense(h) + residual)`` of a BERT-family block with the add fused into the matmul.
+
+    Replaces ``XLMRobertaSelfOutput`` / ``XLMRobertaOutput`` (same call signature; dropout is a
+    no-op at inference).
+    """
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.weight, self.bias = block.dense.weight, block.dense.bias
+        self.LayerNorm = block.LayerNorm
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        width = hidden_states.shape[-1]
+        residual = input_tensor.reshape(-1, input_tensor.shape[-1])
+        y = torch.ops.mkldnn._linear_pointwise.binary(
+            hidden_states.reshape(-1, width), residual.contiguous(), self.weight, self.bias, "add"
+        )
+        return self.LayerNorm(y.view(input_tensor.shape))
+
+
+def _onednn_fusion_works(dtype: torch.dtype) -> bool:
+    """Whether this torch has oneDNN's fused linear ops and they agree with ``F.linear`` here."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, other = torch.randn(5, 8, generator=gen).to(dtype), torch.randn(5, 3, generator=gen).to(dtype)
+        lin = torch.nn.Linear(8, 3).to(dtype)
+        with torch.inference_mode():
+            ref = torch.nn.functional.linear(x, lin.weight, lin.bias).float()
+            ok = torch.allclose(_FusedLinear(lin)(x).float(), ref, atol=0.05, rtol=0.02)
+            act = _FusedLinear(lin, gelu=True)(x).float()
+            ok = ok and torch.allclose(act, torch.nn.functional.gelu(ref), atol=0.05, rtol=0.02)
+            add = torch.ops.mkldnn._linear_pointwise.binary(x, other, lin.weight, lin.bias, "add").float()
+            return bool(ok and torch.allclose(add, ref + other.float(), atol=0.05, rtol=0.02))
+    except Exception:  # op missing (no oneDNN) or refused: keep the plain modules
+        return False
+
+
+def _fuse_cpu_linears(backbone: torch.nn.Module, config: Any) -> int:
+    """Swap a BERT-family backbone's linears for oneDNN-fused ones; returns how many were swapped."""
+    if getattr(config, "model_type", None) not in {"xlm-roberta", "roberta", "bert"}:
+        return 0
+    gelu = getattr(config, "hidden_act", None) == "gelu"  # the exact (erf) GELU
+    swapped = 0
+    retired: set[int] = set()  # replaced blocks, still in the list below: leave them be
+    for parent in list(backbone.modules()):
+        if id(parent) in retired:
+            continue
+        for name, child in list(parent.named_children()):
+            kind = type(child).__name__
+            dense = getattr(child, "dense", None)
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, _FusedLinear(child))
+                swapped += 1
+            elif kind.endswith("Intermediate") and isinstance(dense, torch.nn.Linear) and gelu:
+                child.dense = _FusedLinear(dense, gelu=True)
+                child.intermediate_act_fn = torch.nn.Identity()
+                swapped += 1
+            elif (
+                kind.endswith("Output")
+                and isinstance(dense, torch.nn.Linear)
+                and isinstance(getattr(child, "LayerNorm", None), torch.nn.LayerNorm)
+            ):
+                setattr(parent, name, _FusedResidualOutput(child))
+                retired.add(id(child))
+                swapped += 1
+    return swapped
+
+
 class _Launched(NamedTuple):
     """A batch whose forward pass is queued: host-side ids and mask, and its output tensors.
 
@@ -120,6 +217,65 @@ class _Launched(NamedTuple):
     lengths: np.ndarray
     outputs: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
     ready: Any  # torch.cuda.Event | None
+
+
+# /proc/cpuinfo flags of the x86 units that multiply bf16 natively: AVX512-BF16's dot product
+# (Cooper Lake, Sapphire Rapids, Zen 4 and later) and AMX's bf16 tiles (Sapphire Rapids on).
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_flags() -> frozenset[str] | None:
+    """The CPU feature flags Linux lists in ``/proc/cpuinfo``; ``None`` where there are none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AMX or AVX512-BF16), so bf16 runs faster than fp32.
+
+    Reads the flags of ``/proc/cpuinfo``; where there is none (not Linux), asks torch's own
+    CPU capability check. Elsewhere bf16 is emulated and about 2-3x slower than fp32.
+    """
+    flags = _cpu_flags()
+    if flags is not None:
+        return bool(flags & _NATIVE_BF16_FLAGS)
+    cpu = getattr(torch, "cpu", None)
+    checks = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
+    try:
+        return any(bool(check()) for check in checks if check is not None)
+    except Exception:  # a private torch helper that changed: take the safe answer
+        return False
+
+
+def resolve_dtype(dtype: str | None, device: str | torch.device) -> str:
+    """The compute dtype an ``M3Encoder`` runs in: ``"auto"`` (or ``None``) made concrete.
+
+    ``auto`` is fp16 on CUDA, bf16 on a CPU with native bf16 (``cpu_has_native_bf16``; 2.7x
+    m3connect fp32 and 1.16x onnxruntime fp32 on a 2-core AVX512-BF16 EPYC, dense cosine to fp32
+    0.99994, see benchmarks/README.md) and fp32 elsewhere (CPUs where bf16 is emulated, MPS).
+    Any other value is checked and spelled canonically; ``"int8"`` is CPU only.
+    """
+    kind = torch.device(device).type
+    name = "auto" if dtype is None else str(dtype).replace("torch.", "")
+    if name == "auto":
+        if kind == "cuda":
+            return "float16"
+        if kind == "cpu" and cpu_has_native_bf16():
+            return "bfloat16"
+        return "float32"
+    if name == "int8":
+        if kind != "cpu":
+            raise InvalidInputError("dtype='int8' (dynamic quantisation) runs on CPU only")
+        return name
+    if name not in _DTYPES:
+        raise InvalidInputError(f"dtype must be one of auto, float32, float16, bfloat16, int8; got {dtype!r}")
+    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
@@ -135,13 +291,18 @@ class M3Encoder:
         model_name_or_path: hub id (``"BAAI/bge-m3"``) or a local model directory
             holding the backbone, tokenizer, ``sparse_linear.pt`` and ``colbert_linear.pt``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``None`` picks CUDA when present.
-        dtype: ``"float32"``, ``"float16"`` or ``"bfloat16"``; ``None`` is fp16 on GPU and
-            fp32 on CPU. ``"int8"`` (CPU only) quantises the linear layers dynamically,
-            the fast CPU mode.
+        dtype: ``"auto"`` (the default; ``None`` is the same) picks fp16 on GPU, bf16 on a
+            CPU with native bf16 (AMX or AVX512-BF16) and fp32 on other CPUs; what it picked
+            is ``compute_dtype``. ``"float32"`` matches FlagEmbedding's fp32 outputs to 1e-5;
+            ``"float16"``, ``"bfloat16"``; ``"int8"`` (CPU only) quantises the linear layers
+            dynamically.
         max_length: default token limit per text (CLS and EOS included), at most 8192.
         tokens_per_batch: padded-token budget of one forward pass (default per device).
         show_progress: ``None`` shows a bar for long jobs only; ``False`` never.
         cache_dir: hub download cache.
+        compile: run the backbone through ``torch.compile`` (static shapes: each batch is padded
+            to a length bucket and a power-of-two row count, and every new shape compiles once,
+            tens of seconds). Opt-in, for long GPU jobs; fp32 outputs stay within 1e-5.
     """
 
     # On GPU, queue batch k+1 before fetching batch k's outputs, so that the device-to-host
@@ -149,17 +310,21 @@ class M3Encoder:
     # time, as on CPU; same kernels, same numbers).
     _pipeline: bool = True
     _copy_stream: Any = None  # torch.cuda.Stream for those copies, made on first use
+    # CPU bf16: run the backbone's linear layers as oneDNN matmuls with their bias, GELU and
+    # residual add fused in (False: torch's plain modules; same maths, other rounding).
+    _fuse_cpu: bool = True
 
     def __init__(
         self,
         model_name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
         *,
         device: str | torch.device | None = None,
-        dtype: DTypeName | str | None = None,
+        dtype: DTypeName | str | None = "auto",
         max_length: int = 8192,
         tokens_per_batch: int | None = None,
         show_progress: bool | None = None,
         cache_dir: str | None = None,
+        compile: bool = False,
     ) -> None:
         import transformers
         from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -167,6 +332,9 @@ class M3Encoder:
         self.model_name = str(model_name_or_path)
         self.device = _pick_device(device)
         self.dtype_name = self._check_dtype(dtype)
+        self.compiled = bool(compile)
+        if self.compiled and self.dtype_name == "int8":
+            raise InvalidInputError("compile=True does not apply to dtype='int8' (dynamic quantisation)")
         self.show_progress = show_progress
         path = _resolve_checkpoint(model_name_or_path, cache_dir)
         self.path = path
@@ -241,25 +409,21 @@ class M3Encoder:
         self._sparse_head = sparse_head.eval()
         self._colbert_head = colbert_head.eval()
         self._place_modules()
+        self._run_backbone: Any = self._backbone
+        if self.compiled:
+            self._run_backbone = self._compile_backbone()
 
     # -- set-up -----------------------------------------------------------------------------
 
     def _check_dtype(self, dtype: str | None) -> str:
-        if dtype is None:
-            return "float16" if self.device.type == "cuda" else "float32"
-        name = str(dtype).replace("torch.", "")
-        if name == "int8":
-            if self.device.type != "cpu":
-                raise InvalidInputError("dtype='int8' (dynamic quantisation) runs on CPU only")
-            return name
-        if name not in _DTYPES:
-            raise InvalidInputError(
-                f"dtype must be one of float32, float16, bfloat16, int8; got {dtype!r}"
-            )
-        return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
+        name = resolve_dtype(dtype, self.device)
+        if dtype is None or str(dtype) == "auto":
+            logger.info("dtype='auto' on %s: computing in %s", self.device, name)
+        return name
 
     def _place_modules(self) -> None:
         modules = (self._backbone, self._sparse_head, self._colbert_head)
+        self.fused_linears = 0
         if self.dtype_name == "int8":
             from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
@@ -272,6 +436,29 @@ class M3Encoder:
         dtype = _DTYPES[self.dtype_name]
         for module in modules:
             module.to(device=self.device, dtype=dtype)
+        # bf16 on CPU: bias, GELU and residual add inside oneDNN's matmul (~1.3x the tokens/s of
+        # torch's unfused bf16 modules on a 2-core AVX512-BF16 VM at the same token budget).
+        # fp32 keeps torch's own kernels, which are FlagEmbedding's, for exact parity.
+        fuse = self._fuse_cpu and not self.compiled  # torch.compile does its own fusing
+        if fuse and self.device.type == "cpu" and dtype == torch.bfloat16 and _onednn_fusion_works(dtype):
+            self.fused_linears = _fuse_cpu_linears(self._backbone, self.config)
+            self._colbert_head = _FusedLinear(self._colbert_head)
+
+    def _compile_backbone(self) -> Any:
+        import torch._dynamo
+
+        # Each (rows, width) bucket is one static graph; the default limit (8) would send the
+        # 9th shape back to eager mode. This is a process-wide setting; it is only ever raised.
+        cfg = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, name) and getattr(cfg, name) < _COMPILE_RECOMPILE_LIMIT:
+                setattr(cfg, name, _COMPILE_RECOMPILE_LIMIT)
+        return torch.compile(self._backbone, dynamic=False)
+
+    def _compile_width(self, width: int) -> int:
+        """The padded width of a batch whose longest text has ``width`` tokens (compile=True)."""
+        bucket = next((b for b in _COMPILE_WIDTHS if b >= width), width)
+        return max(width, min(bucket, self.model_max_length))
 
     def _default_token_budget(self, config: Any) -> int:
         budget = _DEFAULT_TOKEN_BUDGET.get(self.device.type, _DEFAULT_TOKEN_BUDGET["cpu"])
@@ -279,7 +466,8 @@ class M3Encoder:
             return budget
         width = int(getattr(config, "intermediate_size", 0) or 4 * int(config.hidden_size))
         itemsize = 4 if self.dtype_name == "int8" else _DTYPES[self.dtype_name].itemsize  # int8: fp32 activations
-        return max(_CPU_MIN_TOKEN_BUDGET, min(budget, _CPU_ACTIVATION_BYTES // (width * itemsize)))
+        cap = _CPU_ACTIVATION_BYTES_BF16 if self.dtype_name == "bfloat16" else _CPU_ACTIVATION_BYTES
+        return max(_CPU_MIN_TOKEN_BUDGET, min(budget, cap // (width * itemsize)))
 
     @staticmethod
     def _fingerprint(path: Path, config: Any) -> str:
@@ -297,7 +485,7 @@ class M3Encoder:
 
     @property
     def compute_dtype(self) -> str:
-        """The precision the forward pass runs in."""
+        """The precision the forward pass runs in (what ``dtype="auto"`` resolved to)."""
         return self.dtype_name
 
     # -- tokens -----------------------------------------------------------------------------
@@ -355,6 +543,8 @@ class M3Encoder:
         n = len(order)
         while start < n:
             longest = int(lengths[order[start]])
+            if self.compiled:
+                longest = self._compile_width(longest)
             count = max(1, self.tokens_per_batch // max(longest, 1))
             if batch_size:
                 count = min(count, batch_size)
@@ -371,20 +561,29 @@ class M3Encoder:
     @torch.inference_mode()
     def _launch(self, rows: list[list[int]], want_dense: bool, want_sparse: bool, want_colbert: bool) -> _Launched:
         """Pad one batch and run (on GPU: queue) its forward pass, heads and copies to the host."""
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        n = len(rows)
+        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=n)
         width = int(lengths.max())
-        ids = np.full((len(rows), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        padded_rows = n
+        if self.compiled:  # static shapes: bucketed width, power-of-two rows (within the budget)
+            width = self._compile_width(width)
+            padded_rows = max(n, min(1 << (n - 1).bit_length(), self.tokens_per_batch // width))
+        ids = np.full((padded_rows, width), self.tokenizer.pad_token_id, dtype=np.int64)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
-        mask_np = np.arange(width)[None, :] < lengths[:, None]
+        all_lengths = np.concatenate([lengths, np.ones(padded_rows - n, np.int64)])
+        ids[n:, 0] = rows[0][0]  # filler rows: one (CLS) token each, never an all-masked row
+        mask_np = np.arange(width)[None, :] < all_lengths[:, None]
         input_ids = self._to_device(torch.from_numpy(ids))
-        if int(lengths.min()) == width:
+        if int(lengths.min()) == width and not self.compiled:
             mask = None  # nothing padded: SDPA's unmasked kernel
         elif self._pass_bias:
             mask = self._attention_bias(mask_np)
         else:
             mask = self._to_device(torch.from_numpy(mask_np.astype(np.int64)))
-        hidden = self._backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        hidden = self._run_backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if padded_rows > n:
+            hidden, ids, mask_np = hidden[:n], ids[:n], mask_np[:n]
 
         dense = sparse = colbert = None
         if want_dense:

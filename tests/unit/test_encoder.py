@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import m3connect.encoder as encoder_module
 from m3connect import InvalidInputError, InvalidTypeError, M3Encoder, ModelLoadError
 from m3connect.testing import make_tiny_checkpoint, synthetic_corpus
 
@@ -73,7 +75,7 @@ def test_compute_score_matches_flagembedding(encoder: M3Encoder, reference, weig
 def test_batching_does_not_change_results(encoder: M3Encoder) -> None:
     texts = synthetic_corpus(30, min_words=1, max_words=120, seed=3)
     whole = encoder.encode(texts, max_length=256)
-    small = M3Encoder(encoder.path, device="cpu", tokens_per_batch=300, show_progress=False)
+    small = M3Encoder(encoder.path, device="cpu", dtype="float32", tokens_per_batch=300, show_progress=False)
     split = small.encode(texts, max_length=256, batch_size=2)
     np.testing.assert_allclose(whole.dense, split.dense, atol=1e-5)
     for a, b in zip(whole.colbert, split.colbert):
@@ -146,7 +148,7 @@ def test_missing_weights_never_fall_back_to_random(tiny_checkpoint: Path, tmp_pa
 
 def test_bin_weights_load_like_safetensors(tmp_path: Path, encoder: M3Encoder) -> None:
     path = make_tiny_checkpoint(tmp_path / "bin", safetensors=False)
-    other = M3Encoder(path, device="cpu")
+    other = M3Encoder(path, device="cpu", dtype="float32")
     np.testing.assert_allclose(other.encode(["x y"]).dense, encoder.encode(["x y"]).dense, atol=1e-6)
 
 
@@ -164,3 +166,181 @@ def test_fast_cpu_modes_stay_close(encoder: M3Encoder, dtype: str) -> None:
     # A tiny wide-init random model is harsher on int8 than a trained one; the fidelity
     # target (cosine >= 0.99) is measured on a mid-size model in benchmarks/encode.py.
     assert cos.mean() > 0.97 and cos.min() > 0.9, cos.tolist()
+
+
+# -- dtype="auto" --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 64-wide checkpoint with a trained-model-like init range: reduced precision can be judged.
+
+    (The default tiny checkpoint's init range of 0.6 makes the network chaotic: rounding noise
+    alone moves its dense vectors to cosine ~0.8, whatever the precision.)
+    """
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("calm-m3"), hidden_size=64, num_layers=2, intermediate_size=256, initializer_range=0.1
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "device", "expected"),
+    [
+        ({"fpu", "avx2", "avx512f", "avx512_bf16"}, "cpu", "bfloat16"),  # Cooper Lake, Zen 4
+        ({"avx512f", "amx_bf16", "amx_tile", "amx_int8"}, "cpu", "bfloat16"),  # Sapphire Rapids
+        ({"fpu", "avx2", "avx512f", "avx512_vnni"}, "cpu", "float32"),  # Ice Lake, Cascade Lake
+        ({"fpu", "avx2"}, "cpu", "float32"),
+        ({"avx512_bf16"}, "cuda", "float16"),
+        ({"fpu", "avx2"}, "cuda:1", "float16"),
+        ({"avx512_bf16"}, "mps", "float32"),
+    ],
+)
+def test_auto_dtype_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, flags, device, expected) -> None:
+    monkeypatch.setattr(encoder_module, "_cpu_flags", lambda: frozenset(flags))
+    assert encoder_module.resolve_dtype("auto", device) == expected
+    assert encoder_module.resolve_dtype(None, device) == expected  # None means auto
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_asks_torch_without_cpuinfo(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(encoder_module, "_cpu_flags", lambda: None)  # e.g. macOS, Windows
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert encoder_module.resolve_dtype("auto", "cpu") == ("bfloat16" if native else "float32")
+
+
+def test_cpu_flags_are_read_from_proc_cpuinfo() -> None:
+    flags = encoder_module._cpu_flags()
+    if not Path("/proc/cpuinfo").is_file():
+        assert flags is None
+    else:
+        text = Path("/proc/cpuinfo").read_text()
+        assert flags is not None and ("flags" not in text or flags)
+        assert encoder_module.cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [("float32", "float32"), ("fp32", "float32"), ("bf16", "bfloat16"), ("torch.float16", "float16"), ("int8", "int8")],
+)
+def test_explicit_dtypes_are_kept(monkeypatch: pytest.MonkeyPatch, dtype: str, expected: str) -> None:
+    monkeypatch.setattr(encoder_module, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    assert encoder_module.resolve_dtype(dtype, "cpu") == expected
+
+
+def test_bad_dtypes() -> None:
+    with pytest.raises(InvalidInputError, match="auto, float32"):
+        encoder_module.resolve_dtype("float64", "cpu")
+    with pytest.raises(InvalidInputError, match="CPU only"):
+        encoder_module.resolve_dtype("int8", "cuda")
+
+
+@pytest.mark.parametrize(("flags", "expected"), [({"avx512_bf16"}, "bfloat16"), ({"avx2"}, "float32")])
+def test_encoder_default_is_auto_and_reports_it(
+    monkeypatch: pytest.MonkeyPatch, encoder: M3Encoder, flags, expected: str
+) -> None:
+    monkeypatch.setattr(encoder_module, "_cpu_flags", lambda: frozenset(flags))
+    enc = M3Encoder(encoder.path, device="cpu", show_progress=False)
+    assert enc.compute_dtype == expected
+    assert next(enc._backbone.parameters()).dtype == getattr(torch, expected)
+    if expected == "float32":  # auto on a CPU without bf16 is exactly the fp32 encoder
+        texts = ["vector search", "", "dense sparse colbert " * 20]
+        np.testing.assert_array_equal(enc.encode(texts).dense, encoder.encode(texts).dense)
+
+
+def _cosines(a: list[np.ndarray], b: list[np.ndarray]) -> np.ndarray:
+    x, y = np.concatenate(a).astype(np.float64), np.concatenate(b).astype(np.float64)
+    return (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_stays_close_to_fp32(calm_checkpoint: Path, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(M3Encoder, "_fuse_cpu", fused)
+    texts = synthetic_corpus(24, seed=11, min_words=1, max_words=150) + TEXTS
+    fp32 = M3Encoder(calm_checkpoint, device="cpu", dtype="float32", show_progress=False).encode(texts, max_length=128)
+    bf16_enc = M3Encoder(calm_checkpoint, device="cpu", dtype="bfloat16", show_progress=False)
+    assert (bf16_enc.fused_linears > 0) == (fused and encoder_module._onednn_fusion_works(torch.bfloat16))
+    bf16 = bf16_enc.encode(texts, max_length=128)
+    assert bf16.dense.dtype == np.float32
+    cos = (bf16.dense * fp32.dense).sum(1)
+    assert cos.min() >= 0.999, cos.min()
+    np.testing.assert_allclose(np.linalg.norm(bf16.dense, axis=1), 1.0, atol=1e-5)
+    assert _cosines(bf16.colbert, fp32.colbert).min() >= 0.99
+    assert [c.shape for c in bf16.colbert] == [c.shape for c in fp32.colbert]
+    assert bf16.num_tokens == fp32.num_tokens and bf16.truncated == fp32.truncated
+    for mine, ref in zip(bf16.sparse, fp32.sparse):  # same tokens up to ones at the edge of 0
+        for key in set(mine) ^ set(ref):
+            assert max(mine.get(key, 0.0), ref.get(key, 0.0)) < 0.05
+        for key in set(mine) & set(ref):
+            assert abs(mine[key] - ref[key]) <= 0.02 + 0.02 * ref[key]
+
+
+def test_fused_bf16_matches_torch_bf16_modules(calm_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not encoder_module._onednn_fusion_works(torch.bfloat16):
+        pytest.skip("this torch has no oneDNN fused linear ops")
+    texts = synthetic_corpus(12, seed=4, min_words=1, max_words=100)
+    fused = M3Encoder(calm_checkpoint, device="cpu", dtype="bfloat16", show_progress=False)
+    monkeypatch.setattr(M3Encoder, "_fuse_cpu", False)
+    plain = M3Encoder(calm_checkpoint, device="cpu", dtype="bfloat16", show_progress=False)
+    assert fused.fused_linears == 2 * 6 and plain.fused_linears == 0  # q, k, v, 2 outputs, FFN in
+    a, b = fused.encode(texts), plain.encode(texts)
+    assert (a.dense * b.dense).sum(1).min() >= 0.999
+
+
+# -- onnxruntime peer ----------------------------------------------------------------------------
+
+
+def test_onnx_backend_matches_flagembedding(calm_checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from m3connect.onnx_backend import OnnxM3Encoder
+
+    ours = OnnxM3Encoder(calm_checkpoint, onnx_dir=tmp_path / "onnx", threads=1).encode(TEXTS, max_length=MAX_LENGTH)
+    ref = flag_model(calm_checkpoint).encode(
+        TEXTS, max_length=MAX_LENGTH, batch_size=3, return_dense=True, return_sparse=True, return_colbert_vecs=True
+    )
+    np.testing.assert_allclose(ours.dense, ref["dense_vecs"], atol=1e-5, rtol=0)
+    for mine, theirs in zip(ours.sparse, ref["lexical_weights"]):
+        assert set(mine) == {int(k) for k in theirs}
+        for key, value in theirs.items():
+            assert abs(mine[int(key)] - float(value)) <= 1e-5
+    for mine, theirs in zip(ours.colbert, ref["colbert_vecs"]):
+        assert mine.shape == theirs.shape
+        np.testing.assert_allclose(mine, theirs, atol=1e-5, rtol=0)
+    assert ours.truncated == [len(TEXTS) - 1] and ours.num_tokens[1] == 2
+
+
+# -- compile=True --------------------------------------------------------------------------------
+
+
+def test_compiled_backbone_matches_eager_fp32(calm_checkpoint: Path) -> None:
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("clang++") is None:
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    eager = M3Encoder(calm_checkpoint, device="cpu", dtype="float32", show_progress=False)
+    comp = M3Encoder(calm_checkpoint, device="cpu", dtype="float32", show_progress=False, compile=True)
+    assert comp.compiled and not eager.compiled
+    # Batches of 3, 3 and 2 texts, padded to width 64 and to 4, 4 and 2 rows: two static shapes,
+    # filler rows included (they must not leak into the outputs).
+    a = eager.encode(TEXTS, max_length=MAX_LENGTH, batch_size=3)
+    b = comp.encode(TEXTS, max_length=MAX_LENGTH, batch_size=3)
+    np.testing.assert_allclose(b.dense, a.dense, atol=1e-5, rtol=0)
+    for x, y in zip(b.colbert, a.colbert):
+        assert x.shape == y.shape
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+    for x, y in zip(b.sparse, a.sparse):
+        assert set(x) == set(y)
+        assert all(abs(x[k] - y[k]) <= 1e-5 for k in x)
+    assert b.num_tokens == a.num_tokens and b.truncated == a.truncated
+
+
+def test_compile_shapes_are_bucketed(encoder: M3Encoder) -> None:
+    enc = object.__new__(M3Encoder)  # only the shape rule, no model
+    enc.model_max_length = 8192
+    assert [enc._compile_width(w) for w in (1, 64, 65, 300, 513, 5000, 8192)] == [64, 64, 128, 384, 768, 6144, 8192]
+    enc.model_max_length = 512
+    assert enc._compile_width(400) == 512 and enc._compile_width(100) == 128
+
+
+def test_compile_refuses_int8(tiny_checkpoint: Path) -> None:
+    with pytest.raises(InvalidInputError, match="int8"):
+        M3Encoder(tiny_checkpoint, device="cpu", dtype="int8", compile=True)

@@ -21,7 +21,8 @@ def _run(cwd: Path, *args: str) -> str:
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
+    # First contact: no tracebacks, progress bars or download noise on stderr.
+    assert proc.stderr.strip() == "", proc.stderr
     return proc.stdout
 
 
@@ -33,29 +34,31 @@ def _check_search_output(out: str) -> None:
     assert len(headers) == 2
     hybrid = lines[headers[0] + 1: headers[0] + 6]
     assert [line.split()[0] for line in hybrid] == ["1", "2", "3", "4", "5"]
+    # every route shows a real score: a sparse column of zeros would look broken
+    assert any(float(line.split()[4]) > 0 for line in hybrid), out
     filtered = lines[headers[1] + 1:]
     assert len(filtered) == 3 and all("[de]" in line for line in filtered)
 
 
-def test_quickstart_qdrant_builds_tiny_model_then_reuses_it(tmp_path):
-    out = _run(tmp_path, "--uri", f"qdrant://{tmp_path}/qdrant")
+def test_quickstart_builds_tiny_model_then_reuses_it(tmp_path):
+    out = _run(tmp_path)  # default --uri: Qdrant Edge in ./m3connect_demo
     assert "building a tiny demo checkpoint" in out
+    assert f"store: qdrant://{tmp_path.resolve()}/m3connect_demo" in out
     assert (tmp_path / ".m3cache" / "tiny-m3" / "colbert_linear.pt").is_file()
     assert "ingested: 40 written, 0 already stored; 40 documents" in out
     _check_search_output(out)
 
-    # Second run: the checkpoint is reused and nothing is written twice. Milvus Lite
-    # (the script's default store) when its adapter is there, else the same Qdrant dir.
-    if importlib.util.find_spec("m3connect.adapters.milvus") and importlib.util.find_spec("pymilvus"):
-        out = _run(tmp_path)  # default --uri: milvus:///<cwd>/m3connect_demo.db
-        assert f"store: milvus://{tmp_path.resolve()}/m3connect_demo.db" in out
-        assert "ingested: 40 written" in out
-        assert (tmp_path / "m3connect_demo.db").exists()
-    else:
-        out = _run(tmp_path, "--uri", f"qdrant://{tmp_path}/qdrant")
-        assert "ingested: 0 written, 40 already stored; 40 documents" in out
+    # Second run: the checkpoint is reused and nothing is written twice.
+    out = _run(tmp_path)
     assert "reusing the tiny demo checkpoint" in out
+    assert "ingested: 0 written, 40 already stored; 40 documents" in out
     _check_search_output(out)
+
+    # Any store URI works: Milvus Lite in a file.
+    if importlib.util.find_spec("pymilvus"):
+        out = _run(tmp_path, "--uri", f"milvus://{tmp_path}/demo.db")
+        assert "ingested: 40 written" in out
+        _check_search_output(out)
 
 
 def test_bundled_sample_data_matches_the_package_corpus():
