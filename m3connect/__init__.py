@@ -15,6 +15,7 @@ from .adapters.base import CollectionSpec
 from .errors import (
     BackendError,
     BackendUnavailableError,
+    EncoderUnavailableError,
     FilterError,
     IngestError,
     InvalidInputError,
@@ -31,15 +32,28 @@ from .types import Document, EncodeOutput, Hit, Vectors
 
 if TYPE_CHECKING:
     from .encoder import DEFAULT_MODEL, M3Encoder
+    from .remote import RemoteEncoder
 
 _LAZY = {"M3Encoder", "DEFAULT_MODEL"}  # torch loads only when a local model is asked for
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from . import encoder
-
+        try:
+            from . import encoder
+        except ImportError as exc:
+            if exc.name not in ("torch", "transformers", "tokenizers", "huggingface_hub"):
+                raise
+            raise MissingDependencyError(
+                f"{exc.name} is not installed; the local encoder (M3Encoder) needs it: "
+                "pip install 'm3connect[encoder]'. A client of 'm3connect serve' needs no torch: "
+                "use m3connect.RemoteEncoder('http://host:8080')"
+            ) from exc
         return getattr(encoder, name)
+    if name == "RemoteEncoder":  # httpx and msgpack load only when a server is used
+        from .remote import RemoteEncoder
+
+        return RemoteEncoder
     raise AttributeError(f"module 'm3connect' has no attribute {name!r}")
 
 __version__ = "0.1.0"
@@ -48,6 +62,7 @@ __all__ = [
     "__version__",
     "DEFAULT_MODEL",
     "M3Encoder",
+    "RemoteEncoder",
     "Encoder",
     "EncodeOutput",
     "Vectors",
@@ -66,6 +81,7 @@ __all__ = [
     "FilterError",
     "SchemaMismatchError",
     "BackendUnavailableError",
+    "EncoderUnavailableError",
     "BackendError",
     "IngestError",
     "MissingDependencyError",

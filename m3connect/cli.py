@@ -115,7 +115,15 @@ def _info(args: argparse.Namespace, message: str) -> None:
 
 
 def _load_encoder(args: argparse.Namespace) -> Any:
-    from .encoder import M3Encoder
+    from .remote import is_remote_model
+
+    if is_remote_model(args.model):  # an 'm3connect serve' server: no torch in this process
+        if getattr(args, "device", None) or getattr(args, "dtype", None):
+            raise UsageError("--device and --dtype apply to a local model; an encoder server chooses its own")
+        from .remote import RemoteEncoder
+
+        return RemoteEncoder(args.model, max_length=getattr(args, "max_length", None))
+    from . import M3Encoder
 
     if not _progress(args):
         try:  # transformers' "Loading weights" bar
@@ -315,8 +323,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     _check_uri(args.uri)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
+    if not args.ray and (args.encoders is not None or args.writers is not None or args.ray_address is not None):
+        raise UsageError("--encoders, --writers and --ray-address need --ray")
     path = Path(args.file).expanduser()
     fmt = _detect_format(path, args.format)
+    if args.ray:
+        return _ingest_on_ray(args, path, fmt)
     reader = _Reader(
         path, fmt, text_field=args.text_field, id_field=args.id_field,
         metadata_fields=_fields(args.metadata_fields), skip_bad=args.skip_bad_lines, delimiter=args.delimiter,
@@ -360,6 +372,48 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if reader.first_bad:
         print(f"first bad line: {reader.first_bad}")
     print(f"collection {args.collection!r} at {args.uri} now holds {total} documents")
+    return 0
+
+
+def _ingest_on_ray(args: argparse.Namespace, path: Path, fmt: str) -> int:
+    """``ingest --ray``: encode in a pool of Ray actors, write from parallel writers."""
+    for name in ("encoders", "writers"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1")
+    from .errors import IngestError
+    from .remote import is_remote_model
+
+    if is_remote_model(args.model) and (args.device or args.dtype):
+        raise UsageError("--device and --dtype apply to a local model; an encoder server chooses its own")
+    from .distributed import ingest
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        report = ingest(
+            path, uri=args.uri, collection=args.collection, model=args.model,
+            encoder_options={"device": args.device, "dtype": args.dtype, "max_length": args.max_length},
+            encoders=args.encoders, writers=args.writers, batch_size=args.batch_size, skip_existing=args.resume,
+            colbert_dtype=args.colbert_dtype, fmt=fmt, text_field=args.text_field, id_field=args.id_field,
+            metadata_fields=_fields(args.metadata_fields), skip_bad=args.skip_bad_lines, delimiter=args.delimiter,
+            ray_address=args.ray_address, progress_interval=10.0 if _progress(args) else None, log=say,
+        )
+    except IngestError as exc:
+        if getattr(exc, "report", None) is not None and args.json:
+            print(json.dumps({"file": str(path), "uri": args.uri, "collection": args.collection,
+                              **exc.report.to_dict()}))  # type: ignore[attr-defined]
+        raise
+    if args.json:
+        print(json.dumps({"file": str(path), "uri": args.uri, "collection": args.collection, **report.to_dict()}))
+        return 0
+    print(f"{report.read} read, {report.written} written, {report.skipped} skipped (already stored), "
+          f"{report.bad_lines} bad lines skipped, {report.truncated} truncated, {report.batches} batches")
+    print(f"{report.seconds:.1f} s, {report.docs_per_second:.1f} docs/s, {report.tokens_per_second:.0f} tokens/s "
+          f"({report.device}, {report.writers} writer(s))")
+    if report.first_bad:
+        print(f"first bad line: {report.first_bad}")
+    print(f"collection {args.collection!r} at {args.uri} now holds {report.count} documents")
     return 0
 
 
@@ -430,7 +484,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             "dense_dim": enc.dense_dim,
             "colbert_dim": enc.colbert_dim,
             "device": str(enc.device),
-            "dtype": enc.dtype_name,
+            "dtype": enc.compute_dtype,
             "compatible": spec.get("fingerprint") == enc.fingerprint and spec.get("dense_dim") == enc.dense_dim,
         }
     if args.json:
@@ -622,6 +676,31 @@ def _plot(results: dict[str, Any], tuned: dict[str, Any] | None, path: Path, tit
     plt.close(fig)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .remote import is_remote_model
+
+    if is_remote_model(args.model):
+        raise UsageError("serve needs a local model (a hub id or a directory), not a server URL")
+    for name in ("port", "max_queue", "max_texts_per_request", "max_batch_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "port" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}, got {value}")
+    from .server import Limits, serve
+
+    limits = Limits(max_queue=args.max_queue, max_texts_per_request=args.max_texts_per_request,
+                    batch_window_ms=args.batch_window_ms, gather_ms=args.gather_ms,
+                    drain_timeout_s=args.drain_timeout)
+
+    def ready(enc: Any) -> None:
+        _info(args, f"serving {enc.model_name} (fingerprint {enc.fingerprint}, {enc.device}, "
+                    f"{enc.compute_dtype}) on http://{args.host}:{args.port}")
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          max_length=args.max_length, max_batch_tokens=args.max_batch_tokens, limits=limits,
+          log_level=args.log_level, on_ready=ready)
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------------------
 
 
@@ -641,8 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=_default_model(),
                        help="hub id or local directory of the model (default: $M3_MODEL or BAAI/bge-m3)")
     model.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    model.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "int8"],
-                       help="compute dtype (default: float16 on GPU, float32 on CPU)")
+    model.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "int8"],
+                       help="compute dtype (default auto: float16 on GPU, bfloat16 on CPUs with native "
+                            "bf16, else float32)")
     model.add_argument("--max-length", type=int, default=None, help="token limit per text (default: 8192)")
 
     prog = _Parser(add_help=False)
@@ -668,6 +748,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-encode and overwrite stored ids")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines instead of stopping")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--ray", action="store_true",
+                   help="encode on a Ray cluster: a pool of encoder actors, parallel writers (m3connect[ray])")
+    p.add_argument("--ray-address", default=None,
+                   help="with --ray: 'auto' or ray://HOST:10001 joins a cluster (default: start a local Ray)")
+    p.add_argument("--encoders", type=int, default=None,
+                   help="with --ray: encoder actors, one model each (default: one per GPU, else 1)")
+    p.add_argument("--writers", type=int, default=None,
+                   help="with --ray: writer processes for servers (default 2; Milvus Lite/Qdrant dirs: 1)")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("search", parents=[common, model], help="hybrid search",
@@ -687,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uri", required=True)
     p.add_argument("--model", default=None, help="also load this model and check it matches the collection")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16", "int8"])
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "int8"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -710,6 +798,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no status lines on stderr")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", parents=[model], help="serve the encoder over HTTP to many clients",
+                       description="Hold the model in one process and encode for many clients, batching "
+                                   "concurrent requests together. Clients: --model http://HOST:PORT or "
+                                   "m3connect.RemoteEncoder. Needs 'm3connect[serve]'.")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    p.add_argument("--max-batch-tokens", type=int, default=None,
+                   help="padded tokens per forward pass (default: the encoder's per-device budget)")
+    p.add_argument("--max-queue", type=int, default=4096,
+                   help="texts waiting, all clients together, before requests get 429 (default: 4096)")
+    p.add_argument("--max-texts-per-request", type=int, default=512, help="texts in one request (default: 512)")
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="after an idle spell, how long to wait for more requests to batch (default: 2)")
+    p.add_argument("--gather-ms", type=float, default=50.0,
+                   help="after a batch, how long to wait at most for its clients' next requests (default: 50)")
+    p.add_argument("--drain-timeout", type=float, default=60.0,
+                   help="seconds in-flight requests may take to finish on shutdown (default: 60)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--quiet", action="store_true", help="no status line on stderr")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

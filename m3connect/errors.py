@@ -17,6 +17,7 @@ __all__ = [
     "FilterError",
     "SchemaMismatchError",
     "BackendUnavailableError",
+    "EncoderUnavailableError",
     "BackendError",
     "IngestError",
     "MissingDependencyError",
@@ -49,6 +50,10 @@ class SchemaMismatchError(M3Error, ValueError):
 
 class BackendUnavailableError(M3Error, ConnectionError):
     """The database server cannot be reached."""
+
+
+class EncoderUnavailableError(BackendUnavailableError):
+    """An encoder service (``m3connect serve``) cannot be reached, stays busy or fails a request."""
 
 
 class BackendError(M3Error, RuntimeError):

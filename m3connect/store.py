@@ -516,7 +516,7 @@ class M3Store:
 def connect(
     uri: str,
     collection: str = "m3connect",
-    encoder: Encoder | None = None,
+    encoder: Encoder | str | None = None,
     *,
     colbert_dtype: str = "float32",
     candidate_depth: int | None = None,
@@ -530,7 +530,8 @@ def connect(
         uri: ``milvus:///abs/m3.db``, ``milvus://host:19530``, ``qdrant://:memory:``,
             ``qdrant:///abs/dir``, ``qdrant://host:6333``, ``opensearch://host:9200``.
         collection: collection (index) name.
-        encoder: the :class:`~m3connect.M3Encoder` whose vectors the collection holds.
+        encoder: the encoder whose vectors the collection holds: an :class:`~m3connect.M3Encoder`,
+            a :class:`~m3connect.RemoteEncoder`, or the URL of an ``m3connect serve`` server.
             A collection written for another model or dimension is refused.
         colbert_dtype: ``"float32"`` or ``"float16"`` storage for ColBERT vectors.
         candidate_depth: candidates per route for exact fusion.
@@ -540,6 +541,12 @@ def connect(
     """
     if not isinstance(collection, str) or not collection or not collection.replace("_", "").replace("-", "").isalnum():
         raise InvalidInputError(f"collection name {collection!r} must be letters, digits, '_' or '-'")
+    if isinstance(encoder, str):  # an encoder server: connect(..., encoder="http://host:8080")
+        from .remote import RemoteEncoder, is_remote_model
+
+        if not is_remote_model(encoder):
+            raise InvalidInputError(f"encoder={encoder!r}: pass an encoder object, or an http(s):// server URL")
+        encoder = RemoteEncoder(encoder)
     location = parse_uri(uri)
     adapter = _load_adapter(location, collection, options)
     existing = adapter.read_spec()
