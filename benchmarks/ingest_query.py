@@ -25,6 +25,12 @@ numbers say nothing about retrieval quality, and encoding is much cheaper than B
 
     .venv/bin/python benchmarks/ingest_query.py                 # full run (200 docs, ~5 min on 2 cores)
     .venv/bin/python benchmarks/ingest_query.py --quick --no-opensearch --out /tmp/x
+
+``--query-scale`` runs the query-scale mode instead (issue 9: synthetic BGE-M3-sized vectors
+through the public store API, N = 1k and 10k, raw-client anchors, bytes moved, recall); it
+lives in ``benchmarks/query_scale.py``, which takes the remaining arguments:
+
+    .venv/bin/python benchmarks/ingest_query.py --query-scale --engines edge,milvus --n 1000
 """
 
 from __future__ import annotations
@@ -262,7 +268,7 @@ class Bench:
         if engine == "qdrant":
             d = self.work / f"qdrant-{tag}"
             d.mkdir(parents=True, exist_ok=True)
-            return f"qdrant://{d}", d
+            return f"qdrant+local://{d}", d  # qdrant-client local mode (qdrant:///dir is Qdrant Edge)
         return self.os_uri, None
 
     def write_path(self, store: M3Store) -> float:
@@ -465,7 +471,22 @@ def markdown(result: dict[str, Any]) -> str:
 # -- main ------------------------------------------------------------------------------------
 
 
+def query_scale_main(argv: list[str]) -> int:
+    """Run ``benchmarks/query_scale.py`` with ``argv`` (the ``--query-scale`` mode)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("query_scale", Path(__file__).with_name("query_scale.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["query_scale"] = module
+    spec.loader.exec_module(module)
+    return int(module.main(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--query-scale" in argv:
+        return query_scale_main([a for a in argv if a != "--query-scale"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-docs", type=int, default=None, help="corpus size (default 200, 16 with --quick)")
     ap.add_argument("--n-queries", type=int, default=None, help="queries (default 10, 4 with --quick)")
@@ -478,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny smoke run; no OpenSearch unless --opensearch")
     ap.add_argument("--opensearch", action="store_true", help="with --quick: include OpenSearch anyway")
     ap.add_argument("--no-opensearch", action="store_true")
+    ap.add_argument("--query-scale", action="store_true",
+                    help="run the query-scale mode (benchmarks/query_scale.py; see its --help) with the other arguments")
     ap.add_argument("--engines", default="milvus,qdrant,opensearch")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
     args = ap.parse_args(argv)
