@@ -6,8 +6,8 @@ real OpenSearch node that this script starts unless ``--no-opensearch`` or
 
 1. ingest docs/s with encoding (``M3Store.ingest`` wall time, final flush included) and
    without it (the corpus is encoded once up front; the same ``Record`` objects are then
-   written through the store's own write path ``M3Store._write`` — byte-sized batches into
-   ``adapter.upsert`` — followed by ``adapter.flush()``);
+   written through the public ``M3Store.add_vectors`` — byte-sized batches into
+   ``adapter.upsert``, then a flush);
 2. adapter overhead: the same pre-encoded data written with the raw client in the engine's
    native fields (Milvus ``client.insert`` into an equivalent document + ColBERT-token
    collection pair; Qdrant ``client.upsert`` of ``PointStruct`` with the same named vectors;
@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from m3connect.adapters.base import Record  # noqa: E402
-from m3connect.store import IngestReport, M3Store, connect  # noqa: E402
+from m3connect.store import M3Store, connect  # noqa: E402
 from m3connect.testing import make_tiny_checkpoint, synthetic_corpus  # noqa: E402
 
 WEIGHTS = (0.4, 0.2, 0.4)
@@ -273,11 +273,12 @@ class Bench:
 
     def write_path(self, store: M3Store) -> float:
         t0 = time.perf_counter()
-        rep = IngestReport()
-        store._write(list(self.records), rep)
-        store.adapter.flush()
+        ids = store.add_vectors(
+            [r.vectors for r in self.records], texts=[r.text for r in self.records],
+            ids=[r.id for r in self.records], metadata=[r.metadata for r in self.records],
+        )  # the public write path: byte-sized batches, then a flush
         dt = time.perf_counter() - t0
-        assert rep.written == self.n, rep
+        assert len(ids) == self.n, len(ids)
         return dt
 
     def queries_for(self, engine: str, store: M3Store) -> None:
@@ -438,7 +439,7 @@ def markdown(result: dict[str, Any]) -> str:
     out += [
         "",
         "With encoding = `M3Store.ingest` wall time incl. its final flush. Write only = the "
-        "pre-encoded `Record`s through `M3Store._write` (byte-sized batches → `adapter.upsert`) + "
+        "pre-encoded vectors through `M3Store.add_vectors` (byte-sized batches → `adapter.upsert`) + "
         "`adapter.flush()`. Raw = the same data through the engine client in native fields "
         "(Milvus `insert` 512 docs / 4096 token rows per call + flush; Qdrant `upsert` 256 "
         "PointStructs, wait=True; OpenSearch `bulk` 50 docs per call + refresh), row building included.",
