@@ -42,6 +42,7 @@ def _random_vectors(rng: np.random.Generator, n: int, dim: int = 8) -> list[Vect
     for _ in range(n):
         d = rng.standard_normal(dim).astype(np.float32)
         c = rng.standard_normal((int(rng.integers(2, 6)), dim)).astype(np.float32)
+        c /= np.linalg.norm(c, axis=1, keepdims=True)  # BGE-M3's ColBERT rows are unit vectors
         toks = rng.choice(40, 5, replace=False)
         out.append(Vectors(d / np.linalg.norm(d), {int(t): float(w) for t, w in zip(toks, rng.random(5))}, c))
     return out
