@@ -817,22 +817,7 @@ class M3Encoder:
         ``"colbert+sparse+dense"``. ``weights`` are ``(dense, sparse, colbert)``.
         """
         w = scoring.validate_weights(weights)
-        pair_list = list(pairs)
-        for i, pair in enumerate(pair_list):
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise InvalidTypeError(f"pairs[{i}] must be a (query, passage) pair, got {pair!r}")
+        pair_list = scoring.check_pairs(pairs)
         queries = self.encode([p[0] for p in pair_list], max_length=max_query_length, batch_size=batch_size)
         passages = self.encode([p[1] for p in pair_list], max_length=max_passage_length, batch_size=batch_size)
-        keys = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
-        out: dict[str, list[float]] = {k: [] for k in keys}
-        for i in range(len(pair_list)):
-            s = scoring.pair_scores(queries.item(i), passages.item(i))
-            for route in scoring.ROUTES:
-                out[route].append(s[route])
-            pair_weight = w.sparse + w.dense
-            # Like the reference, "sparse+dense" is undefined (nan) when both weights are 0.
-            out["sparse+dense"].append(
-                (w.sparse * s["sparse"] + w.dense * s["dense"]) / pair_weight if pair_weight > 0 else float("nan")
-            )
-            out["colbert+sparse+dense"].append(scoring.combine(s, w))
-        return out
+        return scoring.score_pairs(queries, passages, w)

@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import InvalidInputError
-from .types import ROUTES
+from .errors import InvalidInputError, InvalidTypeError
+from .types import ROUTES, EncodeOutput
 
 __all__ = [
     "Weights",
@@ -31,6 +31,8 @@ __all__ = [
     "colbert_score",
     "combine",
     "pair_scores",
+    "check_pairs",
+    "score_pairs",
 ]
 
 
@@ -133,4 +135,34 @@ def pair_scores(
         out["sparse"] = sparse_score(query["sparse"], passage["sparse"])  # type: ignore[arg-type]
     if "colbert" in routes:
         out["colbert"] = colbert_score(query["colbert"], passage["colbert"])  # type: ignore[arg-type]
+    return out
+
+
+def check_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``pairs`` as a list, each checked to be a ``(query, passage)`` pair."""
+    pair_list = list(pairs)
+    for i, pair in enumerate(pair_list):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise InvalidTypeError(f"pairs[{i}] must be a (query, passage) pair, got {pair!r}")
+    return pair_list
+
+
+def score_pairs(queries: EncodeOutput, passages: EncodeOutput, weights: Weights) -> dict[str, list[float]]:
+    """FlagEmbedding's ``compute_score`` output for row-aligned query and passage encodings.
+
+    Lists under ``"dense"``, ``"sparse"``, ``"colbert"``, ``"sparse+dense"`` and
+    ``"colbert+sparse+dense"``.
+    """
+    keys = ("dense", "sparse", "colbert", "sparse+dense", "colbert+sparse+dense")
+    out: dict[str, list[float]] = {k: [] for k in keys}
+    pair_weight = weights.sparse + weights.dense
+    for i in range(len(queries)):
+        s = pair_scores(queries.item(i), passages.item(i))
+        for route in ROUTES:
+            out[route].append(s[route])
+        # Like the reference, "sparse+dense" is undefined (nan) when both weights are 0.
+        out["sparse+dense"].append(
+            (weights.sparse * s["sparse"] + weights.dense * s["dense"]) / pair_weight if pair_weight > 0 else float("nan")
+        )
+        out["colbert+sparse+dense"].append(combine(s, weights))
     return out
