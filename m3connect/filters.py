@@ -26,7 +26,7 @@ from typing import Any, Union
 
 from .errors import FilterError
 
-__all__ = ["Eq", "In", "Cmp", "And", "Or", "FilterNode", "parse_filter", "matches"]
+__all__ = ["Eq", "In", "Cmp", "And", "Or", "FilterNode", "parse_filter", "matches", "float_comparable"]
 
 Scalar = Union[str, int, float, bool]
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -151,3 +151,11 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
     return bool(a == b)
+
+
+def float_comparable(value: object) -> bool:
+    """A number that a float range compares exactly, so ``2`` can match a stored ``2.0``
+    (bools are not numbers here; ints beyond 2**53 must match by value)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, float) or abs(value) <= 2**53

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendError, BackendUnavailableError, MissingDependencyError, SchemaMismatchError
-from ..filters import And, Cmp, Eq, FilterNode, In, Or
+from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
@@ -56,17 +56,10 @@ def compile_filter(node: FilterNode | None) -> models.Filter | None:
     return cond if isinstance(cond, models.Filter) else models.Filter(must=[cond])
 
 
-def _numeric(value: Any) -> bool:
-    """A number that a float range compares exactly (ints beyond 2**53 match by value)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, float) or abs(value) <= 2**53
-
-
 def _condition(node: FilterNode) -> Any:
     if isinstance(node, Eq):
         key = f"metadata.{node.field}"
-        if _numeric(node.value):
+        if float_comparable(node.value):
             return models.FieldCondition(key=key, range=models.Range(gte=node.value, lte=node.value))
         return models.FieldCondition(key=key, match=models.MatchValue(value=node.value))
     if isinstance(node, In):

@@ -38,7 +38,7 @@ from ..errors import (
     MissingDependencyError,
     SchemaMismatchError,
 )
-from ..filters import And, Cmp, Eq, FilterNode, In, Or
+from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
@@ -90,17 +90,10 @@ def _match_value(value: Any) -> Any:
     return qe.MatchValue(np.bool_(value) if isinstance(value, bool) else value)
 
 
-def _numeric(value: Any) -> bool:
-    """A number that a float range compares exactly (ints beyond 2**53 match by value)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    return isinstance(value, float) or abs(value) <= 2**53
-
-
 def _condition(node: FilterNode) -> Any:
     if isinstance(node, Eq):
         key = f"metadata.{node.field}"
-        if _numeric(node.value):
+        if float_comparable(node.value):
             return qe.FieldCondition(key, range=qe.RangeFloat(gte=float(node.value), lte=float(node.value)))
         return qe.FieldCondition(key, match=_match_value(node.value))
     if isinstance(node, In):
