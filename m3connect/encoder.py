@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import scoring
 from .errors import InvalidInputError, InvalidTypeError, ModelLoadError
+from .lexical import lexical_weights
 from .types import EncodeOutput, Vectors
 
 __all__ = ["M3Encoder", "DEFAULT_MODEL", "cpu_has_native_bf16", "resolve_dtype"]
@@ -608,7 +609,7 @@ class M3Encoder:
         dense, weights, vecs = (None if t is None else self._host_array(t, batch.ready) for t in batch.outputs)
         sparse = colbert = None
         if weights is not None:
-            sparse = self._lexical_weights(batch.ids, batch.mask, weights)
+            sparse = lexical_weights(batch.ids, batch.mask, weights, self._special_ids)
         if vecs is not None:
             colbert = [vecs[i, : batch.lengths[i] - 1] for i in range(len(batch.lengths))]
         return dense, sparse, colbert
@@ -667,25 +668,6 @@ class M3Encoder:
         bias = torch.zeros(mask.shape, dtype=dtype)
         bias.masked_fill_(torch.from_numpy(~mask), float("-inf"))
         return self._to_device(bias[:, None, None, :])
-
-    def _lexical_weights(self, ids: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> list[dict[int, float]]:
-        """``{token_id: max weight}`` per row, special tokens and non-positive weights dropped."""
-        keep = mask & (weights > 0) & ~np.isin(ids, self._special_ids)
-        rows, cols = np.nonzero(keep)
-        tok = ids[rows, cols]
-        w = weights[rows, cols]
-        # Sort by (row, token, -weight) so the first entry of each (row, token) run is its max.
-        order = np.lexsort((-w, tok, rows))
-        rows, tok, w = rows[order], tok[order], w[order]
-        first = np.ones(len(rows), dtype=bool)
-        first[1:] = (rows[1:] != rows[:-1]) | (tok[1:] != tok[:-1])
-        rows, tok, w = rows[first], tok[first], w[first]
-        bounds = np.searchsorted(rows, np.arange(ids.shape[0] + 1))
-        tok_list, w_list = tok.tolist(), w.tolist()
-        return [
-            dict(zip(tok_list[bounds[i] : bounds[i + 1]], w_list[bounds[i] : bounds[i + 1]]))
-            for i in range(ids.shape[0])
-        ]
 
     def _forward_resilient(
         self, rows: list[list[int]], flags: tuple[bool, bool, bool]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidInputError, InvalidTypeError, ModelLoadError
+from .lexical import lexical_weights
 from .types import EncodeOutput, Vectors
 
 __all__ = ["OnnxM3Encoder", "export_backbone", "ONNX_FILE"]
@@ -206,23 +207,6 @@ class OnnxM3Encoder:
             yield order[start : start + count]
             start += count
 
-    def _lexical_weights(self, ids: np.ndarray, mask: np.ndarray, weights: np.ndarray) -> list[dict[int, float]]:
-        """``{token_id: max weight}`` per row, special tokens and non-positive weights dropped."""
-        keep = mask & (weights > 0) & ~np.isin(ids, self._special_ids)
-        rows, cols = np.nonzero(keep)
-        tok, w = ids[rows, cols], weights[rows, cols]
-        order = np.lexsort((-w, tok, rows))  # the first of each (row, token) run is its max
-        rows, tok, w = rows[order], tok[order], w[order]
-        first = np.ones(len(rows), dtype=bool)
-        first[1:] = (rows[1:] != rows[:-1]) | (tok[1:] != tok[:-1])
-        rows, tok, w = rows[first], tok[first], w[first]
-        bounds = np.searchsorted(rows, np.arange(ids.shape[0] + 1))
-        tok_list, w_list = tok.tolist(), w.tolist()
-        return [
-            dict(zip(tok_list[bounds[i] : bounds[i + 1]], w_list[bounds[i] : bounds[i + 1]]))
-            for i in range(ids.shape[0])
-        ]
-
     def _run(
         self, rows: list[list[int]], flags: tuple[bool, bool, bool]
     ) -> tuple[np.ndarray | None, list[dict[int, float]] | None, list[np.ndarray] | None]:
@@ -239,7 +223,7 @@ class OnnxM3Encoder:
             dense = cls / np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-12)
         if flags[1]:
             weights = np.maximum(hidden @ self._sparse_w + self._sparse_b, 0.0)
-            sparse = self._lexical_weights(ids, mask, weights)
+            sparse = lexical_weights(ids, mask, weights, self._special_ids)
         if flags[2]:
             tokens = hidden[:, 1:][mask[:, 1:]]  # the real tokens after CLS, row after row
             vecs = tokens @ self._colbert_wt + self._colbert_b
