@@ -60,6 +60,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from m3connect.adapters.base import Record  # noqa: E402
 from m3connect.store import M3Store, connect  # noqa: E402
 from m3connect.testing import make_tiny_checkpoint, synthetic_corpus  # noqa: E402
+from machine import cpu_model, memory_gib  # noqa: E402  (benchmarks/machine.py)
 
 WEIGHTS = (0.4, 0.2, 0.4)
 FUSIONS = ("exact", "engine", "rrf")
@@ -89,14 +90,7 @@ def pct(values: list[float], q: float) -> float:
 def machine_info() -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions: dict[str, str] = {"python": platform.python_version(), "torch": torch.__version__}
     for mod, dist in (("pymilvus", "pymilvus"), ("milvus_lite", "milvus-lite"),
                       ("qdrant_client", "qdrant-client"), ("opensearchpy", "opensearch-py")):

@@ -42,6 +42,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+from machine import cpu_model, memory_gib  # noqa: E402  (benchmarks/machine.py)
 
 MODELS = {
     "small": {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "intermediate_size": 1024},
@@ -54,21 +55,9 @@ def machine_info() -> dict[str, Any]:
 
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem_gib = round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
+    cpu = cpu_model()
+    mem = memory_gib()
+    mem_gib = None if mem is None else round(mem, 1)
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for dist in ("ray", "pyarrow", "opensearch-py", "pymilvus", "milvus-lite"):
         try:

@@ -73,6 +73,7 @@ if str(REPO) not in sys.path:
 
 import m3connect  # noqa: E402
 from m3connect import CollectionSpec, Vectors  # noqa: E402
+from machine import cpu_model, memory_gib  # noqa: E402  (benchmarks/machine.py)
 
 WEIGHT_SETS: dict[str, tuple[float, float, float]] = {"dense": (1.0, 0.0, 0.0), "m3": (0.4, 0.2, 0.4)}
 FUSIONS = ("exact", "engine", "rrf")
@@ -762,21 +763,8 @@ def cpu_slug(cpu: str, cores: int | None) -> str:
 def machine_info() -> dict[str, Any]:
     from importlib.metadata import version
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) / 1024 / 1024
-    except OSError:
-        pass
+    cpu = cpu_model()
+    mem = memory_gib()
     versions = {"python": platform.python_version(), "numpy": np.__version__, "m3connect": m3connect.__version__}
     for dist in ("qdrant-edge-py", "pymilvus", "milvus-lite", "qdrant-client", "opensearch-py"):
         try:
