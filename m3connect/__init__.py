@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _distribution_version
 from typing import TYPE_CHECKING, Any
 
 from . import fusion, scoring
@@ -24,6 +26,7 @@ from .errors import (
     MissingDependencyError,
     ModelLoadError,
     SchemaMismatchError,
+    CollectionNotFoundError,
 )
 from .protocols import Encoder
 from .scoring import Weights
@@ -56,7 +59,10 @@ def __getattr__(name: str) -> Any:
         return RemoteEncoder
     raise AttributeError(f"module 'm3connect' has no attribute {name!r}")
 
-__version__ = "0.1.0"
+try:  # the version lives in pyproject.toml only
+    __version__: str = _distribution_version("m3connect")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "__version__",
@@ -80,6 +86,7 @@ __all__ = [
     "InvalidTypeError",
     "FilterError",
     "SchemaMismatchError",
+    "CollectionNotFoundError",
     "BackendUnavailableError",
     "EncoderUnavailableError",
     "BackendError",

@@ -5,9 +5,13 @@
     m3connect ingest docs.jsonl --uri milvus:///abs/m3.db --collection docs --model BAAI/bge-m3
     m3connect search "how does hybrid search work" --uri milvus:///abs/m3.db --collection docs -k 5
     m3connect info --uri milvus:///abs/m3.db --collection docs
+    m3connect drop --uri milvus:///abs/m3.db --collection docs --yes
     m3connect eval path/to/beir/scifact --model BAAI/bge-m3 --tune --plot quality.png
 
-``--model`` defaults to ``$M3_MODEL`` or ``BAAI/bge-m3``. Every failure is one line
+``--model``, ``--uri`` and ``--collection`` default to ``$M3_MODEL``, ``$M3_URI`` and
+``$M3_COLLECTION``; credentials come from ``--user/--password/--api-key/--token`` or
+``$M3_USER``, ``$M3_PASSWORD``, ``$M3_API_KEY``, ``$M3_TOKEN`` (or ``user:password@`` in the
+URI) and are never printed. Every failure is one line
 ``m3connect: error: ...`` on stderr, exit status 2 for a bad command line and 1 for
 anything that fails while running; ``--debug`` shows the traceback instead.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import os
 import re
@@ -26,6 +31,8 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from .errors import redact
 
 __all__ = ["main", "build_parser"]
 
@@ -87,13 +94,26 @@ def _parse_filter(text: str | None) -> dict[str, Any] | None:
     return spec
 
 
-def _check_uri(uri: str) -> None:
+def _check_uri(uri: str | None) -> None:
     from .store import parse_uri
 
+    if not uri:
+        raise UsageError("--uri is required (or set M3_URI), e.g. --uri milvus://./m3.db")
+    if "://" not in uri and (uri.startswith((".", "/", "~")) or uri.endswith(".db")):
+        raise UsageError(
+            f"--uri {uri!r} is a path, not a store URI: say milvus://./{uri.lstrip('./')} "
+            f"or milvus:///abs/path.db (qdrant://./dir for Qdrant Edge)"
+        )
     try:
         parse_uri(uri)
     except ValueError as exc:
         raise UsageError(f"--uri: {exc}") from None
+
+
+def _shown_uri(uri: str) -> str:
+    from .store import safe_uri
+
+    return safe_uri(uri)
 
 
 def _fields(text: str | None) -> list[str] | None:
@@ -142,6 +162,9 @@ def _connect(args: argparse.Namespace, encoder: Any) -> Any:
     from .store import connect
 
     options: dict[str, Any] = {}
+    for name in ("user", "password", "api_key", "token"):
+        if getattr(args, name, None):
+            options[name] = getattr(args, name)
     if getattr(args, "colbert_dtype", None):
         options["colbert_dtype"] = args.colbert_dtype
     if getattr(args, "candidate_depth", None):
@@ -339,11 +362,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         report = store.ingest(
             reader, encode_batch_size=args.batch_size, skip_existing=args.resume, show_progress=_progress(args),
         )
-        total = store.count()
+        total = store.count() if store.exists else 0
     elapsed = time.perf_counter() - t0
+    if not store.exists:
+        from .errors import InvalidInputError
+
+        raise InvalidInputError(
+            f"{path} held no {'records' if fmt != 'dir' else '.txt/.md files'} to ingest "
+            f"({reader.bad} bad lines skipped); no collection was created"
+        )
     summary = {
         "file": str(path),
-        "uri": args.uri,
+        "uri": _shown_uri(args.uri),
         "collection": args.collection,
         "read": reader.read,
         "written": report.written,
@@ -371,7 +401,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     )
     if reader.first_bad:
         print(f"first bad line: {reader.first_bad}")
-    print(f"collection {args.collection!r} at {args.uri} now holds {total} documents")
+    print(f"collection {args.collection!r} at {_shown_uri(args.uri)} now holds {total} documents")
     return 0
 
 
@@ -401,11 +431,12 @@ def _ingest_on_ray(args: argparse.Namespace, path: Path, fmt: str) -> int:
         )
     except IngestError as exc:
         if getattr(exc, "report", None) is not None and args.json:
-            print(json.dumps({"file": str(path), "uri": args.uri, "collection": args.collection,
+            print(json.dumps({"file": str(path), "uri": _shown_uri(args.uri), "collection": args.collection,
                               **exc.report.to_dict()}))  # type: ignore[attr-defined]
         raise
     if args.json:
-        print(json.dumps({"file": str(path), "uri": args.uri, "collection": args.collection, **report.to_dict()}))
+        print(json.dumps({"file": str(path), "uri": _shown_uri(args.uri), "collection": args.collection,
+                          **report.to_dict()}))
         return 0
     print(f"{report.read} read, {report.written} written, {report.skipped} skipped (already stored), "
           f"{report.bad_lines} bad lines skipped, {report.truncated} truncated, {report.batches} batches")
@@ -413,7 +444,7 @@ def _ingest_on_ray(args: argparse.Namespace, path: Path, fmt: str) -> int:
           f"({report.device}, {report.writers} writer(s))")
     if report.first_bad:
         print(f"first bad line: {report.first_bad}")
-    print(f"collection {args.collection!r} at {args.uri} now holds {report.count} documents")
+    print(f"collection {args.collection!r} at {_shown_uri(args.uri)} now holds {report.count} documents")
     return 0
 
 
@@ -458,22 +489,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     _check_uri(args.uri)
-    from .store import connect, parse_uri
-
-    from .errors import InvalidInputError
+    from .store import parse_uri
 
     loc = parse_uri(args.uri)
-    try:
-        store = connect(args.uri, args.collection, encoder=None)
-    except InvalidInputError as exc:
-        if "does not exist" not in str(exc):
-            raise
-        raise InvalidInputError(
-            f"collection {args.collection!r} does not exist at {args.uri}; create it with 'm3connect ingest'"
-        ) from None
-    with store:
+    with _open_existing(args) as store:
         info = store.info()
-    info["uri"] = args.uri
+    info["uri"] = _shown_uri(args.uri)
     info["location"] = {"embedded": loc.embedded, "path": loc.path, "host": loc.host, "port": loc.port, "tls": loc.tls}
     if args.model:
         enc = _load_encoder(args)
@@ -508,6 +529,35 @@ def cmd_info(args: argparse.Namespace) -> int:
         e = info["encoder"]
         state = "matches the collection" if e["compatible"] else "does NOT match the collection"
         print(f"encoder:       {e['model']} ({e['dense_dim']}-d dense, {e['device']}, {e['dtype']}): {state}")
+    return 0
+
+
+def _open_existing(args: argparse.Namespace) -> Any:
+    """Open an existing collection without an encoder; a missing one is a one-line error with a hint."""
+    from .errors import CollectionNotFoundError
+    from .store import connect
+
+    options = {k: getattr(args, k) for k in ("user", "password", "api_key", "token") if getattr(args, k, None)}
+    try:
+        return connect(args.uri, args.collection, encoder=None, **options)
+    except CollectionNotFoundError:
+        raise CollectionNotFoundError(
+            f"collection {args.collection!r} does not exist at {_shown_uri(args.uri)}; "
+            "create it with 'm3connect ingest'"
+        ) from None
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    _check_uri(args.uri)
+    with _open_existing(args) as store:
+        count = store.count()
+        if not args.yes:
+            raise UsageError(
+                f"this deletes collection {args.collection!r} at {_shown_uri(args.uri)} and its {count} documents; "
+                "add --yes to confirm"
+            )
+        store.drop()
+    print(f"dropped collection {args.collection!r} ({count} documents) at {_shown_uri(args.uri)}")
     return 0
 
 
@@ -714,7 +764,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    common.add_argument("--collection", default="m3connect", help="collection (index) name (default: m3connect)")
+    common.add_argument("--collection", default=os.environ.get("M3_COLLECTION") or "m3connect",
+                        help="collection (index) name (default: $M3_COLLECTION or m3connect)")
+    creds = common.add_argument_group("credentials (never printed)")
+    creds.add_argument("--user", default=os.environ.get("M3_USER") or None, help="user name (default: $M3_USER)")
+    creds.add_argument("--password", default=os.environ.get("M3_PASSWORD") or None,
+                       help="password (default: $M3_PASSWORD; prefer the variable: arguments show in ps)")
+    creds.add_argument("--api-key", default=os.environ.get("M3_API_KEY") or None,
+                       help="API key: Qdrant, OpenSearch (default: $M3_API_KEY)")
+    creds.add_argument("--token", default=os.environ.get("M3_TOKEN") or None,
+                       help="Milvus token 'user:password' or API key (default: $M3_TOKEN)")
+    uri_default = os.environ.get("M3_URI") or None
+    uri_help = "milvus://./m3.db, milvus:///abs/m3.db, qdrant:///abs/dir, qdrant://host:6333, ... (default: $M3_URI)"
 
     model = _Parser(add_help=False)
     model.add_argument("--model", default=_default_model(),
@@ -734,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode JSONL, CSV, Parquet or a directory of .txt/.md files and store them. "
                                    "Resumable: ids already stored are skipped unless --no-resume.")
     p.add_argument("file", metavar="FILE", help="a .jsonl, .csv/.tsv or .parquet file, or a directory of .txt/.md files")
-    p.add_argument("--uri", required=True, help="milvus:///abs/m3.db, qdrant:///abs/dir, qdrant://host:6333, ...")
+    p.add_argument("--uri", default=uri_default, help=uri_help)
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "csv", "parquet", "dir"])
     p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
     p.add_argument("--id-field", default="id", help="field holding the id (default: id; absent: derived from content)")
@@ -761,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", parents=[common, model], help="hybrid search",
                        description="Search with M3's weighted fusion of dense, sparse and ColBERT scores.")
     p.add_argument("query", metavar="QUERY")
-    p.add_argument("--uri", required=True)
+    p.add_argument("--uri", default=uri_default, help=uri_help)
     p.add_argument("-k", type=int, default=10, help="number of hits (default: 10)")
     p.add_argument("--weights", default="0.4,0.2,0.4", help="dense,sparse,colbert (default: 0.4,0.2,0.4)")
     p.add_argument("--filter", default=None, help='metadata filter as JSON, e.g. \'{"lang": "en"}\'')
@@ -772,12 +833,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("info", parents=[common], help="schema, model and count of a collection")
-    p.add_argument("--uri", required=True)
+    p.add_argument("--uri", default=uri_default, help=uri_help)
     p.add_argument("--model", default=None, help="also load this model and check it matches the collection")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16", "int8"])
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("drop", parents=[common], help="delete a collection and everything stored beside it",
+                       description="Delete a collection. Asks for --yes; a missing collection is an error.")
+    p.add_argument("--uri", default=uri_default, help=uri_help)
+    p.add_argument("--yes", action="store_true", help="confirm the deletion")
+    p.set_defaults(func=cmd_drop)
 
     p = sub.add_parser("eval", parents=[common, model, prog], help="nDCG@10 / Recall@100 on a BEIR dataset",
                        description="Ingest a BEIR dataset and report nDCG@10 and Recall@100 per route "
@@ -859,6 +926,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     debug = bool(getattr(args, "debug", False))
     func: Callable[[argparse.Namespace], int] = args.func
+    secrets = [getattr(args, name, None) or "" for name in ("password", "api_key", "token")]
+    if not debug:
+        # pymilvus logs a full traceback at ERROR for every failed call; the one-line error says it all
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             if not debug:
@@ -872,7 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(_one_line(exc), secrets)}", file=sys.stderr)
         return 2
     except Exception as exc:
         if debug:
@@ -882,7 +953,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = _one_line(exc)
         if isinstance(exc, ModelLoadError) and "hub" in msg and "M3_MODEL" not in msg:
             msg += " (or set M3_MODEL to that directory)"
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        print(f"{PROG}: error: {redact(msg, secrets)}", file=sys.stderr)
         return 1
 
 

@@ -169,9 +169,10 @@ def _check_spec(collection: str, stored: CollectionSpec, encoder: Any) -> None:
 
 
 def _open_adapter(uri: str, collection: str, options: Mapping[str, Any]) -> Any:
-    from .store import _load_adapter, parse_uri
+    from .store import _load_adapter, _with_credentials, parse_uri
 
-    return _load_adapter(parse_uri(uri), collection, dict(options))
+    location = parse_uri(uri)
+    return _load_adapter(location, collection, _with_credentials(location, dict(options)))
 
 
 def _store_on(adapter: Any, spec: CollectionSpec | None) -> Any:

@@ -7,7 +7,7 @@ built-in exception a caller would expect (``ValueError``, ``TypeError``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "M3Error",
@@ -16,6 +16,7 @@ __all__ = [
     "InvalidTypeError",
     "FilterError",
     "SchemaMismatchError",
+    "CollectionNotFoundError",
     "BackendUnavailableError",
     "EncoderUnavailableError",
     "BackendError",
@@ -46,6 +47,10 @@ class FilterError(InvalidInputError):
 
 class SchemaMismatchError(M3Error, ValueError):
     """An existing collection was written for another model, dimension or layout."""
+
+
+class CollectionNotFoundError(M3Error, LookupError):
+    """The collection does not exist (never created, or dropped). Only writes create one."""
 
 
 class BackendUnavailableError(M3Error, ConnectionError):
@@ -81,3 +86,29 @@ class MissingDependencyError(M3Error, ImportError):
         return cls(
             f"{package} is not installed; install it with: pip install 'm3connect[{extra}]'"
         )
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret (password, API key, token) replaced by ``***``.
+
+    >>> redact("auth failed for admin:hunter22", ["hunter22"])
+    'auth failed for admin:***'
+    """
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def redact_error(exc: BaseException, secrets: Iterable[str]) -> BaseException:
+    """Redact ``secrets`` from ``exc``'s message in place (and from the errors it chains); returns ``exc``."""
+    secrets = [s for s in secrets if s]
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while secrets and current is not None and id(current) not in seen:
+        seen.add(id(current))
+        try:
+            current.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in current.args)
+        except Exception:  # pragma: no cover - exotic exception types with read-only args
+            pass
+        current = current.__cause__ or current.__context__
+    return exc

@@ -114,8 +114,13 @@ def parse_filter(spec: Mapping[str, Any] | None) -> FilterNode | None:
         if key in ("$and", "$or"):
             if not isinstance(value, (list, tuple)) or not value:
                 raise FilterError(f"{key} needs a non-empty list of filters")
-            items = tuple(n for n in (parse_filter(v) for v in value) if n is not None)
-            parts.append(And(items) if key == "$and" else Or(items))
+            items = []
+            for j, sub in enumerate(value):
+                node = parse_filter(sub)
+                if node is None:
+                    raise FilterError(f"{key}[{j}] is an empty filter")
+                items.append(node)
+            parts.append(And(tuple(items)) if key == "$and" else Or(tuple(items)))
         elif isinstance(key, str) and key.startswith("$"):
             raise FilterError(f"unknown operator {key!r} at the top level; use $and or $or")
         else:

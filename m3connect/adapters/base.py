@@ -15,19 +15,33 @@ guarantees (the conformance suite checks each point on every engine):
   implementation, which fetches the needed vectors, is the fallback.
 - **``fetch`` moves only the fields asked for.** Text and metadata always; vectors
   only for the routes named.
+- **Only m3connect errors leave.** Every public method runs inside one translator
+  (:meth:`Adapter.translate_error`, like httpx's ``map_exceptions``): a client's
+  exception becomes ``CollectionNotFoundError``, ``BackendUnavailableError`` or
+  ``BackendError`` with the engine's one-line reason, and any secret the adapter was
+  given (password, API key, token) is redacted from the message.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import numpy as np
 
-from ..errors import BackendError, InvalidInputError
+from ..colbert_storage import COLBERT_DTYPES, check_pool_factor, row_bytes
+from ..errors import (
+    BackendError,
+    BackendUnavailableError,
+    CollectionNotFoundError,
+    InvalidInputError,
+    M3Error,
+    redact_error,
+)
 from ..filters import FilterNode
 from ..scoring import Weights, pair_scores
 from ..types import ROUTES, Route, Vectors
@@ -41,10 +55,10 @@ __all__ = [
     "RouteScores",
     "SCHEMA_VERSION",
     "COLBERT_DTYPES",
+    "one_line",
 ]
 
 SCHEMA_VERSION = 1
-COLBERT_DTYPES = ("float32", "float16")
 FusionMethod = Literal["weighted", "rrf"]
 Candidate = tuple[str, float]  # (id, score)
 RouteScores = dict[str, dict[str, float]]  # id -> route -> exact score
@@ -57,8 +71,15 @@ class CollectionSpec:
     Pass one to :func:`~m3connect.connect` (``spec=``) to create a collection for
     precomputed vectors without an encoder.
 
+    ColBERT storage (:mod:`m3connect.colbert_storage`): ``colbert_dtype`` is one of
+    ``float32``, ``float16``, ``int8`` (per-row scale) or ``binary`` (1 bit per value);
+    ``colbert_pool_factor`` > 1 pools each document's token vectors at ingestion. Both are
+    fixed at creation. A spec written before these fields existed reads as float32/1.
+
     >>> CollectionSpec(model="my-m3", fingerprint="v1", dense_dim=1024, colbert_dim=1024).colbert_itemsize
     4
+    >>> CollectionSpec("my-m3", "v1", 1024, 1024, colbert_dtype="int8").colbert_row_bytes
+    1028
     """
 
     model: str
@@ -67,12 +88,14 @@ class CollectionSpec:
     colbert_dim: int
     colbert_dtype: str = "float32"
     schema_version: int = SCHEMA_VERSION
+    colbert_pool_factor: int = 1
 
     def __post_init__(self) -> None:
         if self.colbert_dtype not in COLBERT_DTYPES:
             raise InvalidInputError(
                 f"colbert_dtype must be one of {COLBERT_DTYPES}, got {self.colbert_dtype!r}"
             )
+        check_pool_factor(self.colbert_pool_factor)
         for name in ("dense_dim", "colbert_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -80,7 +103,13 @@ class CollectionSpec:
 
     @property
     def colbert_itemsize(self) -> int:
-        return 2 if self.colbert_dtype == "float16" else 4
+        """Bytes per stored value, rounded up (binary packs 8 values per byte)."""
+        return {"float32": 4, "float16": 2}.get(self.colbert_dtype, 1)
+
+    @property
+    def colbert_row_bytes(self) -> int:
+        """Bytes of one stored ColBERT row (int8: codes and the row's scale)."""
+        return row_bytes(self.colbert_dim, self.colbert_dtype)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -118,8 +147,45 @@ class Record:
         return size
 
 
+#: public adapter methods that run inside the error translator
+TRANSLATED_METHODS = (
+    "read_spec", "create", "open", "drop", "upsert", "delete", "count", "existing_ids", "fetch",
+    "flush", "close", "search_route", "score", "engine_search",
+)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to ``limit`` characters (the engine's reason)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _translating(method: _F, operation: str) -> _F:
+    @functools.wraps(method)
+    def wrapper(self: Adapter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except M3Error as exc:
+            raise redact_error(exc, self.secrets)
+        except (AssertionError, NotImplementedError, RecursionError, MemoryError):
+            raise  # our own bugs and resource exhaustion stay what they are
+        except Exception as exc:
+            raise redact_error(self.translate_error(exc, operation), self.secrets) from exc
+
+    wrapper._m3_translated = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
 class Adapter(ABC):
     """Base class of every engine adapter (see the module docstring for its guarantees)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in TRANSLATED_METHODS:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "_m3_translated", False):
+                setattr(cls, name, _translating(method, name))
 
     #: engine name used in URIs and messages
     engine: ClassVar[str] = ""
@@ -133,6 +199,30 @@ class Adapter(ABC):
     def __init__(self, collection: str) -> None:
         self.collection = collection
         self.spec: CollectionSpec | None = None
+        #: credentials given to the client, redacted from every message
+        self.secrets: tuple[str, ...] = ()
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def translate_error(self, exc: Exception, operation: str) -> M3Error:
+        """Map a client exception to the m3connect tree; adapters refine it for their client.
+
+        The default knows the standard library: connection and timeout errors mean the
+        engine is unreachable; anything else is the engine rejecting the operation.
+        """
+        where = f"{self.engine} collection {self.collection!r}"
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return BackendUnavailableError(f"{self.engine} is unreachable during {operation}: {one_line(exc)}")
+        text = str(exc).lower()
+        if "collection" in text and any(p in text for p in ("not found", "does not exist", "doesn't exist")):
+            return self.not_found()
+        return BackendError(f"{operation} on {where} failed: {type(exc).__name__}: {one_line(exc)}")
+
+    def not_found(self) -> CollectionNotFoundError:
+        return CollectionNotFoundError(
+            f"{self.engine} collection {self.collection!r} does not exist (dropped, or never written); "
+            "add documents to create it"
+        )
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -142,6 +232,12 @@ class Adapter(ABC):
 
         Raises ``SchemaMismatchError`` if the collection exists but was not made by m3connect.
         """
+
+    @classmethod
+    def check_spec(cls, location: Any, spec: CollectionSpec) -> None:
+        """Refuse, before anything exists, a spec this engine cannot store (``location`` is
+        the parsed URI). ``connect()`` calls it, so the error comes at connect, not at the
+        first write or query. The default accepts everything."""
 
     @abstractmethod
     def create(self, spec: CollectionSpec) -> None:

@@ -8,10 +8,13 @@ Layout (``"layout": "packed-v2"`` in the collection's row of ``m3connect_meta``)
 - ``<name>``: one row per document: ``id``, ``text``, ``metadata`` (JSON), ``dense``
   (IP), ``sparse`` (IP), ``n_tokens``, ``colbert_ref`` and ``colbert_mean``, the plain
   mean of the document's ColBERT vectors (IP; see the ColBERT route below).
-- ``<name>__colbert``: each document's ColBERT matrix as raw little-endian bytes
-  (float32; float16 on servers when asked), base64 in ``VARCHAR`` chunks of 60,000
-  characters (45,000 bytes, about 11 tokens of 1024-d float32), keyed
-  ``<colbert_ref>:<chunk>``, with ``doc_id`` for deletion.
+- ``<name>__colbert``: each document's ColBERT matrix as the bytes of its
+  ``colbert_dtype`` (float32, float16, int8 with a scale per row, or binary; see
+  :mod:`m3connect.colbert_storage`), base64 in ``VARCHAR`` chunks of 60,000
+  characters (45,000 bytes, about 11 tokens of 1024-d float32, 43 of int8, 351 of
+  binary), keyed ``<colbert_ref>:<chunk>``, with ``doc_id`` for deletion. Every dtype
+  works on Lite and on servers: the engine only keeps the bytes; MaxSim runs in the
+  client on the decoded stored form.
 
 Why packed chunks and not one row per token (``benchmarks/milvus_designs.py``,
 ``benchmarks/results/milvus-designs-*.md``; 1,000 BGE-M3-sized documents on a loaded
@@ -58,7 +61,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import re
+import threading
+import time
 import uuid
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
@@ -69,16 +75,25 @@ from ..errors import (
     BackendError,
     BackendUnavailableError,
     InvalidInputError,
+    M3Error,
     MissingDependencyError,
     SchemaMismatchError,
 )
+from .. import colbert_storage
 from ..filters import And, Cmp, Eq, FilterNode, In, Or
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores
+from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores, one_line
 
 try:
     from pymilvus import AnnSearchRequest, DataType, MilvusClient, RRFRanker, WeightedRanker
+    from pymilvus.exceptions import (
+        CollectionNotExistException,
+        ConnectionNotExistException,
+        DescribeCollectionException,
+        MilvusException,
+        MilvusUnavailableException,
+    )
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError.for_extra("pymilvus", "milvus") from exc
 
@@ -86,6 +101,11 @@ __all__ = ["MilvusAdapter", "compile_filter", "literal", "LAYOUT"]
 
 META_COLLECTION = "m3connect_meta"
 LAYOUT = "packed-v2"
+# The main collection's fields: an empty collection with exactly these and no meta row is
+# a creation that crashed before its meta row (older versions wrote the row last).
+_MAIN_FIELDS = frozenset({"id", "text", "metadata", "n_tokens", "colbert_ref", "dense", "sparse", "colbert_mean"})
+# A server collection whose meta row still says "creating" after this long is abandoned.
+_STALE_CREATE_S = 300.0
 MAX_ID_LENGTH = 512
 MAX_TEXT_BYTES = 65535
 _QUERY_WINDOW = 16384  # Milvus caps offset+limit of one query/search at 16384
@@ -164,18 +184,16 @@ class _Packed(str):
 
 
 def pack_colbert(matrix: np.ndarray, dtype: str = "float32") -> list[str]:
-    """A ColBERT matrix as base64 chunks of at most 60,000 characters (little-endian)."""
-    raw = np.ascontiguousarray(matrix, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    """A ColBERT matrix as base64 chunks of at most 60,000 characters of its stored bytes
+    (:func:`m3connect.colbert_storage.to_bytes`)."""
+    raw = colbert_storage.to_bytes(matrix, dtype)
     return [base64.b64encode(raw[i : i + _CHUNK_BYTES]).decode("ascii") for i in range(0, len(raw), _CHUNK_BYTES)]
 
 
 def unpack_colbert(chunks: Sequence[str], n_tokens: int, dim: int, dtype: str = "float32") -> np.ndarray:
-    """Inverse of :func:`pack_colbert`, as float32 ``[n_tokens, dim]``."""
+    """Inverse of :func:`pack_colbert`: the stored form, float32 ``[n_tokens, dim]``."""
     raw = b"".join(binascii.a2b_base64(c) for c in chunks)  # accepts the str as is
-    arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
-    if arr.size != n_tokens * dim:
-        raise BackendError(f"stored ColBERT matrix has {arr.size} values, expected {n_tokens} x {dim}")
-    return arr.astype(np.float32).reshape(n_tokens, dim)
+    return colbert_storage.from_bytes(raw, dim, dtype, n_tokens)
 
 
 def maxsim(query: np.ndarray, matrices: Sequence[np.ndarray]) -> list[float]:
@@ -199,6 +217,46 @@ def maxsim(query: np.ndarray, matrices: Sequence[np.ndarray]) -> list[float]:
     return out
 
 
+# Milvus Lite runs in-process, one server per data file, and pymilvus keeps it (and the
+# file's lock) until the process exits. The adapters of each file are counted so the last
+# close() stops it, and another process can then open the file.
+_LITE_OPEN: dict[str, int] = {}
+_LITE_GUARD = threading.Lock()
+
+
+def _lite_release(path: str) -> None:
+    with _LITE_GUARD:
+        _LITE_OPEN[path] -= 1
+        if _LITE_OPEN[path] > 0:
+            return
+        del _LITE_OPEN[path]
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # pragma: no cover - Lite not installed: nothing to stop
+        return
+    server_manager_instance.release_server(path)
+
+
+def _lite_locked(path: str) -> bool:
+    """Whether another process holds Milvus Lite's lock on ``path`` (probed after a failed open)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: Lite's lock is not an flock there
+        return False
+    try:
+        fd = os.open(os.path.join(path, "LOCK"), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 class MilvusAdapter(Adapter):
     engine = "milvus"
     max_batch_bytes = 24 * 1024 * 1024  # Milvus rejects insert RPCs over 64 MB
@@ -211,12 +269,33 @@ class MilvusAdapter(Adapter):
         super().__init__(collection)
         self.lite = location.embedded
         self.colbert_collection = f"{collection}__colbert"
-        uri = location.path if location.embedded else location.url(19530)
+        uri = self.client_uri = location.path if location.embedded else location.url(19530)
         try:
             self.client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=timeout, **client_options)
             self.client.list_collections()
+            if self.lite:
+                with _LITE_GUARD:
+                    _LITE_OPEN[os.path.abspath(uri)] = _LITE_OPEN.get(os.path.abspath(uri), 0) + 1
         except Exception as exc:
+            if self.lite and _lite_locked(uri):
+                raise BackendUnavailableError(
+                    f"Milvus Lite file {uri} is open in another process (it holds {uri}/LOCK); a Milvus Lite "
+                    "file has one process at a time (use a Milvus server to share it)"
+                ) from exc
             raise BackendUnavailableError(f"cannot reach Milvus at {uri}: {exc}") from exc
+
+    def translate_error(self, exc: Exception, operation: str) -> M3Error:
+        reason = one_line(getattr(exc, "message", None) or exc)
+        lowered = reason.lower()
+        if isinstance(exc, (CollectionNotExistException, DescribeCollectionException)) or (
+            "collection" in lowered and ("not found" in lowered or "does not exist" in lowered)
+        ):
+            return self.not_found()
+        if isinstance(exc, (MilvusUnavailableException, ConnectionNotExistException)) or "unavailable" in reason.lower():
+            return BackendUnavailableError(f"Milvus is unreachable during {operation}: {reason}")
+        if isinstance(exc, MilvusException):
+            return BackendError(f"Milvus {operation} on {self.collection!r} failed: {reason}")
+        return super().translate_error(exc, operation)
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -232,18 +311,43 @@ class MilvusAdapter(Adapter):
         index.add_index("unused", index_type="FLAT", metric_type="L2")
         self._create(META_COLLECTION, schema, index)
 
+    def _meta(self) -> dict[str, Any] | None:
+        """This collection's row of ``m3connect_meta``, if any."""
+        if not self.client.has_collection(META_COLLECTION):
+            return None
+        self.client.load_collection(META_COLLECTION)
+        rows = self.client.query(META_COLLECTION, filter=f"name == {literal(self.collection)}", output_fields=["spec"])
+        return json.loads(rows[0]["spec"]) if rows else None
+
+    def _write_meta(self, meta: dict[str, Any]) -> None:
+        self.client.upsert(META_COLLECTION, [{"name": self.collection, "spec": json.dumps(meta, sort_keys=True),
+                                              "unused": [0.0, 0.0]}])
+
     def read_spec(self) -> CollectionSpec | None:
+        """The stored spec; a creation that crashed half-way is removed and reads as absent."""
         if not self.client.has_collection(self.collection):
             return None
-        meta: dict[str, Any] | None = None
-        if self.client.has_collection(META_COLLECTION):
-            self.client.load_collection(META_COLLECTION)
-            rows = self.client.query(META_COLLECTION, filter=f"name == {literal(self.collection)}", output_fields=["spec"])
-            if rows:
-                meta = json.loads(rows[0]["spec"])
-        if meta is None or not self.client.has_collection(self.colbert_collection):
+        meta = self._meta()
+        if meta is not None and "creating" in meta:
+            age = time.time() - float(meta["creating"])
+            if not self.lite and age < _STALE_CREATE_S:  # Lite: the file lock rules out another creator
+                raise BackendUnavailableError(
+                    f"Milvus collection {self.collection!r} is being created by another client "
+                    f"(started {age:.0f} s ago); retry in a moment"
+                )
+            self.drop()
+            return None
+        if meta is None:
+            if self._half_created():
+                self.drop()
+                return None
             raise SchemaMismatchError(
                 f"Milvus collection {self.collection!r} exists but was not created by m3connect"
+            )
+        if not self.client.has_collection(self.colbert_collection):
+            raise SchemaMismatchError(
+                f"Milvus collection {self.collection!r} lost its ColBERT companion {self.colbert_collection!r}; "
+                "drop it and re-ingest"
             )
         if meta.get("layout") != LAYOUT:
             raise SchemaMismatchError(
@@ -256,11 +360,7 @@ class MilvusAdapter(Adapter):
         return CollectionSpec.from_json(json.dumps(meta))
 
     def create(self, spec: CollectionSpec) -> None:
-        if self.lite and spec.colbert_dtype != "float32":
-            raise BackendError(
-                f"Milvus Lite collections keep ColBERT as float32 (asked: {spec.colbert_dtype}): "
-                "use colbert_dtype='float32' there"
-            )
+        # Every colbert_dtype works, on Lite too: the chunks are bytes (see the module docstring).
         ivf = "FLAT" if self.lite else "AUTOINDEX"
         main = self.client.create_schema(auto_id=False)
         main.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
@@ -275,12 +375,26 @@ class MilvusAdapter(Adapter):
         index.add_index("dense", index_type=ivf, metric_type="IP")
         index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="IP")
         index.add_index("colbert_mean", index_type=ivf, metric_type="IP")
+        # Ordered so that a crash at any step leaves a state read_spec repairs: the meta
+        # row goes first, marked "creating", and loses the mark once both collections exist.
+        meta = {**json.loads(spec.to_json()), "layout": LAYOUT}
+        self._ensure_meta_collection()
+        self._write_meta({**meta, "creating": time.time()})
+        if self.client.has_collection(self.colbert_collection):  # left by a crash; no document points into it
+            self.client.drop_collection(self.colbert_collection)
         self._create_colbert_collection(spec)
         self._create(self.collection, main, index)
-        self._ensure_meta_collection()
-        meta = {**json.loads(spec.to_json()), "layout": LAYOUT}
-        self.client.upsert(META_COLLECTION, [{"name": self.collection, "spec": json.dumps(meta, sort_keys=True), "unused": [0.0, 0.0]}])
+        self._write_meta(meta)
         self.spec = spec
+
+    def _half_created(self) -> bool:
+        """Whether the main collection (without a meta row) is an empty m3connect one: what a
+        crash during creation left behind before meta rows were written first."""
+        fields = {f["name"] for f in self.client.describe_collection(self.collection).get("fields", [])}
+        if fields != _MAIN_FIELDS:
+            return False
+        self.client.load_collection(self.collection)
+        return self.count() == 0
 
     def _create_colbert_collection(self, spec: CollectionSpec) -> None:
         schema = self.client.create_schema(auto_id=False)
@@ -322,7 +436,7 @@ class MilvusAdapter(Adapter):
         return self.spec.colbert_dim
 
     def _n_chunks(self, n_tokens: int) -> int:
-        size = n_tokens * self._dim * np.dtype(self._dtype).itemsize
+        size = n_tokens * colbert_storage.row_bytes(self._dim, self._dtype)
         return -(-size // _CHUNK_BYTES)
 
     def _check(self, r: Record) -> None:
@@ -417,6 +531,18 @@ class MilvusAdapter(Adapter):
         return int(rows[0]["count(*)"])
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
+        """The stored ``ids`` whose ColBERT chunks are all present. A document missing any
+        counts as absent, so a resumed ingestion writes it again rather than skip it."""
+        refs = self._old_colbert(ids)
+        keys = {rid: [f"{ref}:{i}" for i in range(self._n_chunks(n))] for rid, (ref, n) in refs.items()}
+        present: set[str] = set()
+        for chunk in self.batched([k for ks in keys.values() for k in ks], _ID_BATCH):
+            present.update(r["key"] for r in self.client.query(self.colbert_collection, filter=f"key in {_id_list(chunk)}",
+                                                               output_fields=["key"]))
+        return {rid for rid, ks in keys.items() if present.issuperset(ks)}
+
+    def _stored_ids(self, ids: Sequence[str]) -> set[str]:
+        """The subset of ``ids`` with a document row."""
         found: set[str] = set()
         for chunk in self.batched(dict.fromkeys(ids), _ID_BATCH):
             found.update(r["id"] for r in self.client.query(self.collection, filter=f"id in {_id_list(chunk)}",
@@ -522,7 +648,7 @@ class MilvusAdapter(Adapter):
             return got
         if route == "sparse" or query is None or len(query) == 0:
             # An exact sparse search returns every document sharing a term: the rest score 0.
-            got.update(dict.fromkeys(self.existing_ids(missing), 0.0))
+            got.update(dict.fromkeys(self._stored_ids(missing), 0.0))
             return got
         if self.lite:  # FLAT search is exhaustive: an id it did not return is not stored
             return got
@@ -613,4 +739,9 @@ class MilvusAdapter(Adapter):
                                 limit=min(depth, _QUERY_WINDOW), expr=expr)
 
     def close(self) -> None:
+        if getattr(self, "_closed", False):
+            return
+        self._closed = True
         self.client.close()
+        if self.lite:  # the last adapter of a Lite file releases it (see _LITE_OPEN)
+            _lite_release(os.path.abspath(self.client_uri))

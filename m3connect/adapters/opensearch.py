@@ -16,8 +16,9 @@ Layout of one document (``_id`` = the m3connect id; layout version 2)::
                   so this field only finds candidates
     sparse_x      long, doc values only: one value per token, ``token_id << 32 | float32 bits``
                   (exact weights for painless; sorted by token id)
-    cb            binary, doc values only: the ColBERT matrix, little-endian float32/float16
-                  bytes per the collection's ``colbert_dtype`` (rows = bytes / (itemsize * dim))
+    cb            binary, doc values only: the ColBERT matrix in the bytes of the collection's
+                  ``colbert_dtype`` (float32, float16, int8 + a scale per row, or binary;
+                  :mod:`m3connect.colbert_storage`), decoded by painless to the stored form
     colbert_mean  knn_vector (colbert_dim, innerproduct, lucene): normalised mean of the
                   token vectors, the ANN entry point of the ColBERT route (see search_route)
     m3            enabled:false object: sparse {"i": [ids], "v": [weights]} (exact, for fetch)
@@ -57,13 +58,15 @@ from ..errors import (
     BackendError,
     BackendUnavailableError,
     InvalidInputError,
+    M3Error,
     MissingDependencyError,
     SchemaMismatchError,
 )
+from .. import colbert_storage
 from ..filters import And, Cmp, Eq, FilterNode, In, Or
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores
+from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores, one_line
 
 try:
     from opensearchpy import OpenSearch
@@ -174,20 +177,32 @@ void m3dec32(byte[] b, int o, float[] v, int n) {
     v[t] = Float.intBitsToFloat((b0 & 255) | ((b1 & 255) << 8) | ((b2 & 255) << 16) | (b3 << 24));
   }
 }
+void m3dec8(byte[] b, int o, float[] v, int n) {
+  int b0 = b[o]; int b1 = b[o + 1]; int b2 = b[o + 2]; int b3 = b[o + 3];
+  float s = Float.intBitsToFloat((b0 & 255) | ((b1 & 255) << 8) | ((b2 & 255) << 16) | (b3 << 24));
+  for (int t = 0; t < n; t++) { v[t] = b[o + 4 + t] * s; }
+}
+void m3dec1(byte[] b, int o, float[] v, int n, float c) {
+  for (int t = 0; t < n; t++) { v[t] = ((b[o + (t >> 3)] >> (t & 7)) & 1) == 1 ? c : -c; }
+}
 void m3best(float[] q, int nq, float[] v, int dim, double[] best) {
   for (int i = 0; i < nq; i++) { double s = m3dot(q, i * dim, v, dim); if (s > best[i]) { best[i] = s; } }
 }
-double m3maxsim(def vals, float[] q, int dim, int itemsize) {
+double m3maxsim(def vals, float[] q, int dim, int codec) {
   int nq = q.length / dim;
   if (nq == 0 || vals.size() == 0) { return 0.0; }
   BytesRef br = vals.get(0);
-  int nd = br.length / (itemsize * dim);
+  int rb = codec == 1 ? dim + 4 : (codec == 0 ? (dim + 7) / 8 : codec * dim);
+  int nd = br.length / rb;
   if (nd == 0) { return 0.0; }
   double[] best = new double[nq];
   for (int i = 0; i < nq; i++) { best[i] = Double.NEGATIVE_INFINITY; }
   float[] v = new float[dim];
+  float c = (float) (1.0 / Math.sqrt(dim));
   for (int j = 0; j < nd; j++) {
-    if (itemsize == 2) { m3dec16(br.bytes, br.offset + j * dim * 2, v, dim); } else { m3dec32(br.bytes, br.offset + j * dim * 4, v, dim); }
+    int o = br.offset + j * rb;
+    if (codec == 4) { m3dec32(br.bytes, o, v, dim); } else if (codec == 2) { m3dec16(br.bytes, o, v, dim); }
+    else if (codec == 1) { m3dec8(br.bytes, o, v, dim); } else { m3dec1(br.bytes, o, v, dim, c); }
     m3best(q, nq, v, dim, best);
   }
   double tot = 0;
@@ -211,14 +226,14 @@ double m3pos(double s) { return s >= 0 ? 1.0 + s : 1.0 / (1.0 - s); }
 #: exact per-route scores (script_fields: any sign, double)
 _S_DENSE = _LIB + "float[] q = m3q(params.q); float[] v = doc['dense'].value; return m3dot(q, 0, v, q.length);"
 _S_SPARSE = _LIB + "return m3sparse(doc['sparse_x'], params.qi, params.qw);"
-_S_COLBERT = _LIB + "return m3maxsim(doc['cb'], m3qm(params.q, params.dim), params.dim, params.itemsize);"
+_S_COLBERT = _LIB + "return m3maxsim(doc['cb'], m3qm(params.q, params.dim), params.dim, params.codec);"
 #: M3's weighted sum for script_score/rescore; scores must be >= 0, so it returns m3pos(s)
 #: (Lucene's transform for inner products: 1 + s, or 1 / (1 - s) below 0), inverted by _unpos
 _S_ENGINE = _LIB + """
 double tot = 0;
 if (params.wd > 0) { float[] q = m3q(params.qd); float[] v = doc['dense'].value; tot += params.wd * m3dot(q, 0, v, q.length); }
 if (params.ws > 0) { tot += params.ws * m3sparse(doc['sparse_x'], params.qi, params.qw); }
-if (params.wc > 0) { tot += params.wc * m3maxsim(doc['cb'], m3qm(params.qc, params.dim), params.dim, params.itemsize); }
+if (params.wc > 0) { tot += params.wc * m3maxsim(doc['cb'], m3qm(params.qc, params.dim), params.dim, params.codec); }
 if (params.wm > 0) { float[] q = m3q(params.qm); float[] v = doc['colbert_mean'].value; tot += params.wm * m3dot(q, 0, v, q.length); }
 return m3pos(tot);
 """
@@ -250,14 +265,14 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-def _colbert_bytes(colbert: np.ndarray, dtype: str) -> np.ndarray:
-    return np.ascontiguousarray(colbert, dtype=np.dtype(dtype).newbyteorder("<"))
+#: the ``codec`` parameter of :data:`_LIB`'s ``m3maxsim`` for each ``colbert_dtype``
+_CODECS = {"float32": 4, "float16": 2, "int8": 1, "binary": 0}
 
 
 def _decode_colbert(b64: str | None, dim: int, dtype: str) -> np.ndarray:
+    """The stored form (float32) of a ``cb`` doc value."""
     raw = base64.b64decode(b64 + "=" * (-len(b64) % 4)) if b64 else b""  # doc values come unpadded
-    arr = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
-    return arr.reshape(-1, dim).astype(np.float32)
+    return colbert_storage.from_bytes(raw, dim, dtype)
 
 
 def _sparse_query(sparse: dict[int, float] | None) -> tuple[list[int], list[float]]:
@@ -277,7 +292,9 @@ def _source(record: Record, colbert_dtype: str) -> dict[str, Any]:
     vals = np.fromiter((float(v) for v in record.sparse.values()), dtype=np.float64, count=len(record.sparse))
     if len(ids) and (ids.min() < 0 or ids.max() > _MAX_TOKEN_ID):
         raise InvalidInputError(f"record {record.id!r}: sparse token ids must lie in [0, 2**31)")
-    stored = _colbert_bytes(np.asarray(record.colbert, np.float32), colbert_dtype)
+    matrix = np.asarray(record.colbert, np.float32)
+    raw = colbert_storage.to_bytes(matrix, colbert_dtype)
+    stored = matrix if colbert_dtype == "float32" else colbert_storage.from_bytes(raw, matrix.shape[1], colbert_dtype)
     mean = _mean_direction(stored) if len(stored) else np.zeros(stored.shape[1], np.float32)
     return {
         "doc_id": record.id,
@@ -287,7 +304,7 @@ def _source(record: Record, colbert_dtype: str) -> dict[str, Any]:
         "colbert_mean": mean,
         "sparse": {str(t): float(v) for t, v in zip(ids.tolist(), vals.tolist()) if v > 0},
         "sparse_x": _packed_sparse(ids, vals),
-        "cb": base64.b64encode(stored.tobytes()).decode("ascii"),
+        "cb": base64.b64encode(raw).decode("ascii"),
         "m3": {"sparse": {"i": ids.tolist(), "v": vals.tolist()}},
     }
 
@@ -379,6 +396,20 @@ class OpenSearchAdapter(Adapter):
         number = str((info.get("version") or {}).get("number", "0"))
         self.server_version = tuple(int(p) for p in number.split("-")[0].split(".")[:2] if p.isdigit())
 
+    def translate_error(self, exc: Exception, operation: str) -> M3Error:
+        if isinstance(exc, os_exc.NotFoundError) and "index_not_found" in str(exc):
+            return self.not_found()
+        if isinstance(exc, (os_exc.ConnectionError, os_exc.ConnectionTimeout)):
+            return BackendUnavailableError(f"OpenSearch at {self.url} is unreachable during {operation}: {one_line(exc)}")
+        if isinstance(exc, (os_exc.AuthenticationException, os_exc.AuthorizationException)):
+            return BackendUnavailableError(f"OpenSearch at {self.url} refused the credentials during {operation}")
+        if isinstance(exc, os_exc.TransportError):
+            info = exc.info if isinstance(exc.info, dict) else {}
+            cause = (info.get("error") or {}) if isinstance(info.get("error"), dict) else {}
+            reason = cause.get("reason") or exc.error
+            return BackendError(f"OpenSearch {operation} on {self.index!r} failed ({exc.status_code}): {reason}")
+        return super().translate_error(exc, operation)
+
     # -- schema -----------------------------------------------------------------------------
 
     def read_spec(self) -> CollectionSpec | None:
@@ -441,10 +472,7 @@ class OpenSearchAdapter(Adapter):
                 ],
             },
         }
-        try:
-            self.client.indices.create(index=self.index, body=body)
-        except os_exc.TransportError as exc:
-            raise BackendError(f"creating OpenSearch index {self.index!r} failed: {exc}") from exc
+        self.client.indices.create(index=self.index, body=body)  # errors: translate_error
         self.spec = spec
 
     def drop(self) -> None:
@@ -456,8 +484,8 @@ class OpenSearchAdapter(Adapter):
     def _colbert_dtype(self) -> str:
         return self.spec.colbert_dtype if self.spec is not None else "float32"
 
-    def _itemsize(self) -> int:
-        return 2 if self._colbert_dtype() == "float16" else 4
+    def _codec(self) -> int:
+        return _CODECS[self._colbert_dtype()]
 
     def _colbert_dim(self) -> int:
         if self.spec is None:
@@ -465,10 +493,7 @@ class OpenSearchAdapter(Adapter):
         return self.spec.colbert_dim
 
     def _send_bulk(self, body: bytes, what: str) -> list[str]:
-        try:
-            resp = self.client.bulk(body=body, index=self.index)
-        except os_exc.TransportError as exc:
-            raise BackendError(f"OpenSearch {what} into {self.index!r} failed: {exc}") from exc
+        resp = self.client.bulk(body=body, index=self.index)  # errors: translate_error
         failures: list[str] = []
         if resp.get("errors"):
             for item in resp.get("items", []):
@@ -533,10 +558,18 @@ class OpenSearchAdapter(Adapter):
         self._fresh()
         return int(self.client.count(index=self.index)["count"])
 
+    def _mget(self, ids: list[str], **params: Any) -> Any:
+        """``mget`` that reports a missing index (mget answers it per document, not as a 404)."""
+        resp = self.client.mget(index=self.index, body={"ids": ids}, **params)
+        for d in resp.get("docs") or ():
+            if "index_not_found" in str((d.get("error") or {}).get("type", "")):
+                raise self.not_found()
+        return resp
+
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         out: set[str] = set()
         for chunk in self.batched(ids, 1000):
-            resp = self.client.mget(index=self.index, body={"ids": chunk}, _source=False)
+            resp = self._mget(chunk, _source=False)
             out.update(d["_id"] for d in resp["docs"] if d.get("found"))
         return out
 
@@ -551,7 +584,7 @@ class OpenSearchAdapter(Adapter):
             ["m3.sparse"] if "sparse" in want else [])
         out: dict[str, Record] = {}
         for chunk in self.batched(dict.fromkeys(ids), 200 if "dense" in want else 1000):
-            resp = self.client.mget(index=self.index, body={"ids": chunk}, _source_includes=includes)
+            resp = self._mget(chunk, _source_includes=includes)
             for d in resp["docs"]:
                 if not d.get("found"):
                     continue
@@ -583,10 +616,7 @@ class OpenSearchAdapter(Adapter):
     def _search(self, body: dict[str, Any], filter_path: str = "hits.hits._id,hits.hits._score,hits.hits.fields") -> list[dict[str, Any]]:
         self._fresh()
         body.setdefault("_source", False)
-        try:
-            resp = self.client.search(index=self.index, body=_dumps(body), filter_path=filter_path)
-        except os_exc.TransportError as exc:
-            raise BackendError(f"OpenSearch search on {self.index!r} failed: {exc}") from exc
+        resp = self.client.search(index=self.index, body=_dumps(body), filter_path=filter_path)
         return list((resp.get("hits") or {}).get("hits") or [])
 
     def _knn(self, vector: Any, k: int, filters: list[dict[str, Any]], boost: float = 1.0,
@@ -625,7 +655,7 @@ class OpenSearchAdapter(Adapter):
         if route == "colbert":
             q = np.asarray(query, np.float32)
             return {"script": {"source": _S_COLBERT, "params": {
-                "q": q.reshape(-1), "dim": self._colbert_dim(), "itemsize": self._itemsize()}}}
+                "q": q.reshape(-1), "dim": self._colbert_dim(), "codec": self._codec()}}}
         raise InvalidInputError(f"unknown route {route!r}; use 'dense', 'sparse' or 'colbert'")
 
     @staticmethod
@@ -737,7 +767,7 @@ class OpenSearchAdapter(Adapter):
             "wd": wd, "qd": np.asarray(q.dense, np.float32) if wd > 0 else none,
             "ws": ws, "qi": qi, "qw": qw,
             "wc": wc, "qc": np.asarray(q.colbert, np.float32).reshape(-1) if wc > 0 else none,
-            "dim": self._colbert_dim(), "itemsize": self._itemsize(), "wm": 0.0, "qm": none,
+            "dim": self._colbert_dim(), "codec": self._codec(), "wm": 0.0, "qm": none,
         }
 
     def engine_search(self, query: Vectors, weights: Weights, k: int, flt: FilterNode | None,

@@ -19,15 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendError, BackendUnavailableError, MissingDependencyError, SchemaMismatchError
+from ..errors import BackendError, BackendUnavailableError, M3Error, MissingDependencyError, SchemaMismatchError
+from ..colbert_storage import require_dtype
 from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores
+from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores, one_line
 
 try:
     from qdrant_client import QdrantClient, models
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError.for_extra("qdrant-client", "qdrant") from exc
 
@@ -86,6 +88,11 @@ class QdrantAdapter(Adapter):
     max_batch_bytes = 24 * 1024 * 1024  # a server's default request limit is 32 MB
     supports_engine_fusion = True
 
+    @staticmethod
+    def check_colbert_storage(spec: CollectionSpec) -> None:
+        """Multivectors are float32 or float16 here (token pooling works with both)."""
+        require_dtype("Qdrant", spec, ("float32", "float16"))
+
     def __init__(self, location: Any, collection: str, *, api_key: str | None = None,
                  timeout: float = 30.0, **client_options: Any) -> None:
         super().__init__(collection)
@@ -99,6 +106,15 @@ class QdrantAdapter(Adapter):
         except Exception as exc:
             where = location.path or location.url(6333)
             raise BackendUnavailableError(f"cannot reach Qdrant at {where}: {exc}") from exc
+
+    def translate_error(self, exc: Exception, operation: str) -> M3Error:
+        if isinstance(exc, UnexpectedResponse) and exc.status_code == 404:
+            return self.not_found()
+        if isinstance(exc, ResponseHandlingException):
+            return BackendUnavailableError(f"Qdrant is unreachable during {operation}: {one_line(exc)}")
+        if isinstance(exc, RuntimeError) and "closed" in str(exc):
+            return BackendError(f"the Qdrant store of {self.collection!r} is closed; connect() again")
+        return super().translate_error(exc, operation)
 
     # -- schema -----------------------------------------------------------------------------
 
@@ -114,6 +130,7 @@ class QdrantAdapter(Adapter):
         return CollectionSpec.from_json(meta)
 
     def create(self, spec: CollectionSpec) -> None:
+        self.check_colbert_storage(spec)
         colbert_type = models.Datatype.FLOAT16 if spec.colbert_dtype == "float16" else models.Datatype.FLOAT32
         self.client.create_collection(
             self.collection,
@@ -152,10 +169,7 @@ class QdrantAdapter(Adapter):
                     payload={"doc_id": r.id, "text": r.text, "metadata": r.metadata},
                 )
             )
-        try:
-            self.client.upsert(self.collection, points=points, wait=True)
-        except Exception as exc:
-            raise BackendError(f"Qdrant upsert into {self.collection!r} failed: {exc}") from exc
+        self.client.upsert(self.collection, points=points, wait=True)  # errors: translate_error
 
     def delete(self, ids: Sequence[str]) -> None:
         self.client.delete(self.collection, points_selector=models.PointIdsList(points=[point_id(i) for i in ids]), wait=True)
@@ -202,10 +216,7 @@ class QdrantAdapter(Adapter):
         return 1.0 / max(1, len(query)) if route == "colbert" else 1.0
 
     def _query_points(self, **kwargs: Any) -> list[Any]:
-        try:
-            return list(self.client.query_points(self.collection, **kwargs).points)
-        except Exception as exc:
-            raise BackendError(f"Qdrant query on {self.collection!r} failed: {exc}") from exc
+        return list(self.client.query_points(self.collection, **kwargs).points)
 
     def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
         if query is None or len(query) == 0:

@@ -35,9 +35,11 @@ from ..errors import (
     BackendError,
     BackendUnavailableError,
     InvalidInputError,
+    M3Error,
     MissingDependencyError,
     SchemaMismatchError,
 )
+from ..colbert_storage import require_dtype
 from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
@@ -214,6 +216,11 @@ class QdrantEdgeAdapter(Adapter):
     max_batch_bytes = 32 * 1024 * 1024  # no RPC limit; bounds the Python-side copies
     supports_engine_fusion = True
 
+    @staticmethod
+    def check_colbert_storage(spec: CollectionSpec) -> None:
+        """Multivectors are float32 or float16 here (token pooling works with both)."""
+        require_dtype("Qdrant Edge", spec, ("float32", "float16"))
+
     def __init__(self, location: Any, collection: str, **options: Any) -> None:
         super().__init__(collection)
         if options:
@@ -232,6 +239,11 @@ class QdrantEdgeAdapter(Adapter):
         self.spec_path = self.dir / SPEC_FILE
         self._shard: Any = None
 
+    def translate_error(self, exc: Exception, operation: str) -> M3Error:
+        if not self.spec_path.exists():  # dropped, here or by another store on the same directory
+            return self.not_found()
+        return super().translate_error(exc, operation)
+
     # -- schema -----------------------------------------------------------------------------
 
     def read_spec(self) -> CollectionSpec | None:
@@ -247,6 +259,7 @@ class QdrantEdgeAdapter(Adapter):
         return None
 
     def create(self, spec: CollectionSpec) -> None:
+        self.check_colbert_storage(spec)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -323,11 +336,8 @@ class QdrantEdgeAdapter(Adapter):
             }
             payload = {"doc_id": r.id, "text": r.text, "metadata": r.metadata}
             points.append(qe.Point(point_id(r.id), vector, payload))
-        try:
-            self.shard.update(qe.UpdateOperation.upsert_points(points))
-            self.shard.flush()
-        except Exception as exc:
-            raise BackendError(f"Qdrant Edge upsert into {self.collection!r} failed: {exc}") from exc
+        self.shard.update(qe.UpdateOperation.upsert_points(points))  # errors: translate_error
+        self.shard.flush()
 
     def delete(self, ids: Sequence[str]) -> None:
         if ids:
@@ -395,10 +405,7 @@ class QdrantEdgeAdapter(Adapter):
         return 1.0 / max(1, len(query)) if route == "colbert" else 1.0
 
     def _run(self, request: Any) -> list[Any]:
-        try:
-            return list(self.shard.query(request))
-        except Exception as exc:
-            raise BackendError(f"Qdrant Edge query on {self.collection!r} failed: {exc}") from exc
+        return list(self.shard.query(request))
 
     def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
         if query is None or len(query) == 0:
@@ -427,10 +434,8 @@ class QdrantEdgeAdapter(Adapter):
             qe.QueryRequest(limit=len(by_pid), query=self._nearest(r, query[r]), filter=only, params=exact)
             for r in asked
         ]
-        try:  # one planned batch: the routes share a pass over the segments
-            results = self.shard.query_batch(qe.QueryBatchRequest(requests)) if requests else []
-        except Exception as exc:
-            raise BackendError(f"Qdrant Edge scoring on {self.collection!r} failed: {exc}") from exc
+        # one planned batch: the routes share a pass over the segments
+        results = self.shard.query_batch(qe.QueryBatchRequest(requests)) if requests else []
         out: RouteScores = {}
         present: set[str] | None = None
         for route, points in zip(asked, results):

@@ -10,17 +10,26 @@ where an :class:`M3DenseEmbeddings` supplies the encoder.
 >>> vs.add_texts(["BGE-M3 is multilingual."], metadatas=[{"lang": "en"}])     # doctest: +SKIP
 >>> vs.similarity_search("multilingual", k=3, weights=(0.4, 0.2, 0.4), filter={"lang": "en"})  # doctest: +SKIP
 >>> M3Retriever(store=vs.store, k=5, weights=(1, 0.3, 1)).invoke("multilingual")  # doctest: +SKIP
+>>> vs.similarity_search("multilingual", weights="sparse")                     # doctest: +SKIP
+>>> vs.max_marginal_relevance_search("multilingual", k=3, fetch_k=20)          # doctest: +SKIP
+
+``weights`` take ``(dense, sparse, colbert)`` numbers, a mapping, or a retrieval mode:
+``"dense"`` ``(1, 0, 0)``, ``"sparse"`` ``(0, 1, 0)``, ``"colbert"`` ``(0, 0, 1)``, ``"hybrid"``
+(dense + sparse, ``(0.4, 0.2, 0)``: M3's default weights without ColBERT, as FlagEmbedding's
+``sparse+dense`` score) and ``"m3"`` / ``"all"`` ``(0.4, 0.2, 0.4)``; langchain-qdrant's and
+langchain-milvus' ``RetrievalMode`` members are accepted by value.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, MissingDependencyError
+from ..errors import BackendError, InvalidInputError, MissingDependencyError
 from ..store import M3Store, connect
 from ..types import Vectors
 
@@ -31,6 +40,7 @@ try:
     from langchain_core.retrievers import BaseRetriever
     from langchain_core.runnables.config import run_in_executor
     from langchain_core.vectorstores import VectorStore
+    from langchain_core.vectorstores.utils import maximal_marginal_relevance
     from pydantic import ConfigDict
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MissingDependencyError.for_extra("langchain-core", "langchain") from exc
@@ -47,10 +57,46 @@ __all__ = [
     "M3QdrantSparseEmbeddings",
     "SparseVector",
     "DEFAULT_WEIGHTS",
+    "RETRIEVAL_MODES",
+    "resolve_weights",
 ]
 
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
+#: Named retrieval modes accepted wherever ``weights`` are: ``(dense, sparse, colbert)``.
+RETRIEVAL_MODES: dict[str, tuple[float, float, float]] = {
+    "dense": (1.0, 0.0, 0.0),
+    "sparse": (0.0, 1.0, 0.0),
+    "colbert": (0.0, 0.0, 1.0),
+    "hybrid": (DEFAULT_WEIGHTS[0], DEFAULT_WEIGHTS[1], 0.0),  # dense + sparse
+    "m3": DEFAULT_WEIGHTS,
+    "all": DEFAULT_WEIGHTS,
+}
 _SEARCH_KEYS = ("weights", "filter", "fusion", "candidate_depth")
+_DELETE_BATCH = 1000  # ids found and deleted per round of delete(ids=None)
+
+
+def resolve_weights(weights: Any) -> Any:
+    """``weights`` with a retrieval-mode name (or ``RetrievalMode`` enum) turned into numbers.
+
+    Numbers and mappings pass through unchanged (the store checks them).
+    """
+    if isinstance(weights, Enum):
+        weights = weights.value
+    if isinstance(weights, str):
+        try:
+            return RETRIEVAL_MODES[weights.strip().lower()]
+        except KeyError:
+            raise InvalidInputError(
+                f"unknown retrieval mode {weights!r}; use one of {sorted(RETRIEVAL_MODES)} or "
+                "(dense, sparse, colbert) weights"
+            ) from None
+    return weights
+
+
+def _exists(store: M3Store) -> bool:
+    """Whether the collection exists: one that ``connect`` has not created yet (it is created by the
+    first write) holds nothing, so reads of it find nothing, as LangChain expects of an empty store."""
+    return bool(getattr(store, "exists", True))
 
 
 def _search_options(kwargs: Mapping[str, Any], weights: Any) -> dict[str, Any]:
@@ -59,7 +105,7 @@ def _search_options(kwargs: Mapping[str, Any], weights: Any) -> dict[str, Any]:
     if unknown:
         raise InvalidInputError(f"unknown search options {sorted(unknown)}; use {list(_SEARCH_KEYS)}")
     opts = {key: kwargs[key] for key in _SEARCH_KEYS if kwargs.get(key) is not None}
-    opts.setdefault("weights", weights)
+    opts["weights"] = resolve_weights(opts.get("weights", weights))
     return opts
 
 
@@ -181,18 +227,26 @@ def _to_document(hit: Hit) -> Document:
 class M3VectorStore(VectorStore):
     """A LangChain ``VectorStore`` over any :class:`~m3connect.M3Store`.
 
-    Searches take M3 options as keyword arguments: ``weights=(dense, sparse, colbert)``,
+    Searches take M3 options as keyword arguments: ``weights=(dense, sparse, colbert)`` or a
+    retrieval mode (``"dense"``, ``"sparse"``, ``"hybrid"``, ``"m3"``...; see the module),
     ``filter`` (m3connect filter dict), ``fusion`` (``"exact"``, ``"engine"``, ``"rrf"``)
     and ``candidate_depth``. Returned documents carry exactly the stored metadata;
     scores come from :meth:`similarity_search_with_score` (or :class:`M3Retriever`,
-    which adds them to the metadata).
+    which adds them to the metadata). ``retrieval_mode=`` (as in langchain-qdrant) sets the
+    default weights by name.
     """
 
-    def __init__(self, store: M3Store, *, weights: Sequence[float] | Mapping[str, float] = DEFAULT_WEIGHTS) -> None:
+    def __init__(
+        self,
+        store: M3Store,
+        *,
+        weights: Sequence[float] | Mapping[str, float] | str = DEFAULT_WEIGHTS,
+        retrieval_mode: str | Enum | None = None,
+    ) -> None:
         if not isinstance(store, M3Store):
             raise InvalidInputError(f"store must be an M3Store, got {type(store).__name__}")
         self.store = store
-        self.weights = weights
+        self.weights = resolve_weights(weights if retrieval_mode is None else retrieval_mode)
 
     @property
     def embeddings(self) -> M3DenseEmbeddings | None:
@@ -215,6 +269,11 @@ class M3VectorStore(VectorStore):
             raise InvalidInputError(f"got {len(metadatas)} metadatas for {len(texts)} texts")
         if ids is not None and len(ids) != len(texts):
             raise InvalidInputError(f"got {len(ids)} ids for {len(texts)} texts")
+        if ids is not None and any(i is None for i in ids):
+            # the store takes ids for every text or none: give it per-text records instead
+            metas = metadatas if metadatas is not None else [None] * len(texts)
+            items = [{"text": t, "id": i, "metadata": m} for t, i, m in zip(texts, ids, metas)]
+            return self.store.add(items, **kwargs)
         return self.store.add(texts, ids=ids, metadata=metadatas, **kwargs)  # type: ignore[arg-type]
 
     async def aadd_texts(
@@ -228,16 +287,40 @@ class M3VectorStore(VectorStore):
         return await run_in_executor(None, self.add_texts, list(texts), metadatas, ids=ids, **kwargs)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
-        """Delete by id; unknown ids are ignored. ``ids=None`` is refused (drop the store instead)."""
+        """Delete by id (unknown ids are ignored); ``ids=None`` deletes every document.
+
+        Deleting everything keeps the collection and its schema (``store.drop()`` removes it).
+        """
         if ids is None:
-            raise InvalidInputError("delete needs a list of ids; use store.drop() to remove everything")
-        self.store.delete(list(ids))
+            self._delete_all()
+        else:
+            self.store.delete(list(ids))
         return True
+
+    def _delete_all(self) -> None:
+        store = self.store
+        if not _exists(store):
+            return
+        probe = Vectors(dense=np.zeros(store.spec.dense_dim, np.float32))
+        deleted: set[str] = set()
+        while store.count() > 0:
+            hits = store.search_by_vectors(
+                probe, k=_DELETE_BATCH, weights=(1.0, 0.0, 0.0), candidate_depth=_DELETE_BATCH
+            )
+            ids = [h.id for h in hits]
+            if not ids:
+                break
+            if deleted.issuperset(ids):
+                raise BackendError(f"{store.engine}: deleted documents are still found ({ids[:3]}...)")
+            store.delete(ids)
+            deleted.update(ids)
 
     async def adelete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         return await run_in_executor(None, self.delete, ids, **kwargs)
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
+        if not _exists(self.store):
+            return []
         return [Document(id=d.id, page_content=d.text, metadata=dict(d.metadata)) for d in self.store.get(list(ids))]
 
     async def aget_by_ids(self, ids: Sequence[str], /) -> list[Document]:
@@ -246,7 +329,8 @@ class M3VectorStore(VectorStore):
     # -- searching --------------------------------------------------------------------------
 
     def _hits(self, query: str, k: int, kwargs: Mapping[str, Any]) -> list[Hit]:
-        return self.store.search(query, k=k, **_search_options(kwargs, self.weights))
+        opts = _search_options(kwargs, self.weights)
+        return self.store.search(query, k=k, **opts) if _exists(self.store) else []
 
     def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
         return [_to_document(h) for h in self._hits(query, k, kwargs)]
@@ -263,6 +347,8 @@ class M3VectorStore(VectorStore):
         """Dense-only search with a precomputed dense vector (weights ``(1, 0, 0)``)."""
         opts = _search_options(kwargs, (1.0, 0.0, 0.0))
         opts["weights"] = (1.0, 0.0, 0.0)
+        if not _exists(self.store):
+            return []
         hits = self.store.search_by_vectors(Vectors(dense=np.asarray(embedding, np.float32)), k=k, **opts)
         return [_to_document(h) for h in hits]
 
@@ -277,6 +363,63 @@ class M3VectorStore(VectorStore):
     async def asimilarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
         return await run_in_executor(None, self.similarity_search_by_vector, embedding, k, **kwargs)
 
+    # -- maximal marginal relevance ---------------------------------------------------------
+
+    def max_marginal_relevance_search(
+        self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[Document]:
+        """``fetch_k`` candidates by M3 search (``weights``, ``filter``... as in
+        :meth:`similarity_search`), then ``k`` of them chosen by maximal marginal relevance over
+        the stored dense vectors: relevance is the dense similarity to the query, diversity the
+        dense similarity between documents (``lambda_mult`` 1 = relevance only, 0 = diversity only).
+        """
+        opts = _search_options(kwargs, self.weights)
+        encoder = self.store.encoder
+        if encoder is None:
+            raise InvalidInputError("max_marginal_relevance_search needs the store's encoder; pass encoder= to connect")
+        if not _exists(self.store):
+            return []
+        q = encoder.encode_one(query, max_length=self.store.max_length)
+        hits = self.store.search_by_vectors(q, k=max(fetch_k, k), **opts)
+        return self._mmr(q.dense, hits, k, lambda_mult)
+
+    def max_marginal_relevance_search_by_vector(
+        self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[Document]:
+        """:meth:`max_marginal_relevance_search` with a dense query vector: dense candidates only."""
+        opts = _search_options(kwargs, (1.0, 0.0, 0.0))
+        opts["weights"] = (1.0, 0.0, 0.0)
+        dense = np.asarray(embedding, np.float32)
+        if not _exists(self.store):
+            return []
+        hits = self.store.search_by_vectors(Vectors(dense=dense), k=max(fetch_k, k), **opts)
+        return self._mmr(dense, hits, k, lambda_mult)
+
+    def _mmr(self, query_dense: Any, hits: list[Hit], k: int, lambda_mult: float) -> list[Document]:
+        if not hits:
+            return []
+        if query_dense is None:
+            raise InvalidInputError("maximal marginal relevance needs a dense query vector")
+        records = self.store.adapter.fetch([h.id for h in hits], fields=("dense",))
+        hits = [h for h in hits if h.id in records and records[h.id].dense is not None]
+        vectors = [np.asarray(records[h.id].dense, np.float32) for h in hits]
+        chosen = maximal_marginal_relevance(np.asarray(query_dense, np.float32), vectors, lambda_mult, k)
+        return [_to_document(hits[i]) for i in chosen]
+
+    async def amax_marginal_relevance_search(
+        self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[Document]:
+        return await run_in_executor(
+            None, self.max_marginal_relevance_search, query, k, fetch_k, lambda_mult, **kwargs
+        )
+
+    async def amax_marginal_relevance_search_by_vector(
+        self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5, **kwargs: Any
+    ) -> list[Document]:
+        return await run_in_executor(
+            None, self.max_marginal_relevance_search_by_vector, embedding, k, fetch_k, lambda_mult, **kwargs
+        )
+
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
@@ -290,7 +433,8 @@ class M3VectorStore(VectorStore):
         uri: str = "qdrant://:memory:",
         collection: str = "langchain",
         encoder: M3Encoder | None = None,
-        weights: Sequence[float] | Mapping[str, float] = DEFAULT_WEIGHTS,
+        weights: Sequence[float] | Mapping[str, float] | str = DEFAULT_WEIGHTS,
+        retrieval_mode: str | Enum | None = None,
         **connect_options: Any,
     ) -> M3VectorStore:
         """Open ``collection`` at ``uri`` and add ``texts``.
@@ -307,7 +451,7 @@ class M3VectorStore(VectorStore):
                 "or encoder=M3Encoder(...)"
             )
         store = connect(uri, collection, encoder, **connect_options)
-        vs = cls(store, weights=weights)
+        vs = cls(store, weights=weights, retrieval_mode=retrieval_mode)
         if texts:
             vs.add_texts(texts, metadatas, ids=ids)  # type: ignore[arg-type]
         return vs
@@ -331,6 +475,7 @@ class M3Retriever(BaseRetriever):
 
     Each document's metadata is the stored metadata plus ``m3_score`` (the fused
     score) and ``m3_scores`` (per-route ``dense``/``sparse``/``colbert`` scores).
+    ``weights`` may be a retrieval mode (``"dense"``, ``"sparse"``, ``"hybrid"``, ``"m3"``...).
     ``invoke`` also accepts ``k``, ``weights``, ``filter``, ``fusion`` overrides.
     """
 
@@ -354,10 +499,13 @@ class M3Retriever(BaseRetriever):
         if unknown:
             raise InvalidInputError(f"unknown retriever options {sorted(unknown)}")
         k = overrides.get("k", self.k)
-        hits = self._store().search(
+        store = self._store()
+        if not _exists(store):
+            return []
+        hits = store.search(
             query,
             k=k,
-            weights=overrides.get("weights", self.weights),
+            weights=resolve_weights(overrides.get("weights", self.weights)),
             filter=overrides.get("filter", self.filter),
             fusion=overrides.get("fusion", self.fusion),  # type: ignore[arg-type]
             candidate_depth=overrides.get("candidate_depth", self.candidate_depth),

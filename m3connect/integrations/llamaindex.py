@@ -15,6 +15,18 @@ Query modes: ``default`` is dense only ``(1, 0, 0)``; ``sparse`` (and ``text_sea
 lexical only ``(0, 1, 0)``; ``hybrid`` uses the store's ``hybrid_weights`` (default
 ``(0.4, 0.2, 0.4)``), or, when the query sets ``alpha`` (LlamaIndex's 0 = keyword,
 1 = vector), ``(alpha/2, 1 - alpha, alpha/2)``: ``alpha=0.8`` gives M3's default weights.
+``sparse_top_k`` is the number of results in ``sparse`` mode and, in ``hybrid`` mode, the
+least number of candidates each route contributes (as in LlamaIndex's own hybrid stores).
+
+:class:`M3LlamaSparseEmbedding` gives M3's lexical weights to LlamaIndex's *native* stores: it is
+a ``BaseSparseEmbedding``, and provides ``sparse_doc_fn`` / ``sparse_query_fn`` for
+``QdrantVectorStore`` and ``encode_documents`` / ``encode_queries`` for ``MilvusVectorStore``'s
+``sparse_embedding_function``:
+
+>>> sparse = M3LlamaSparseEmbedding(encoder=enc)                                    # doctest: +SKIP
+>>> QdrantVectorStore(client=client, collection_name="docs", enable_hybrid=True,
+...                   **sparse.qdrant_kwargs())                                     # doctest: +SKIP
+>>> MilvusVectorStore(uri=..., dim=1024, enable_sparse=True, sparse_embedding_function=sparse)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from ..types import Vectors
 try:
     from llama_index.core.base.base_retriever import BaseRetriever
     from llama_index.core.base.embeddings.base import BaseEmbedding
+    from llama_index.core.base.embeddings.base_sparse import BaseSparseEmbedding
     from llama_index.core.bridge.pydantic import Field, PrivateAttr
     from llama_index.core.schema import BaseNode, NodeWithScore, QueryBundle
     from llama_index.core.vector_stores.types import (
@@ -56,6 +69,7 @@ __all__ = [
     "M3LlamaVectorStore",
     "M3LlamaRetriever",
     "M3LlamaEmbedding",
+    "M3LlamaSparseEmbedding",
     "metadata_filters_to_m3",
     "weights_for_mode",
     "DEFAULT_HYBRID_WEIGHTS",
@@ -211,7 +225,14 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
         )
         return [h.id for h in hits]
 
+    def _exists(self) -> bool:
+        """Whether the collection exists (``connect`` creates it on the first write): reads of
+        one that does not find nothing."""
+        return bool(getattr(self._store, "exists", True))
+
     def _delete_matching(self, flt: Mapping[str, Any] | None) -> None:
+        if not self._exists():
+            return
         while self._store.count() > 0:
             ids = self._ids_matching(flt, _SCAN_BATCH)
             if not ids:
@@ -244,6 +265,10 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
 
     def get_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None) -> list[BaseNode]:
         flt = metadata_filters_to_m3(filters)
+        if node_ids is None and flt is None:
+            raise InvalidInputError("get_nodes needs node_ids or filters")
+        if not self._exists():
+            return []
         if node_ids is not None:
             docs = self._store.get(list(node_ids))
             from ..filters import matches, parse_filter
@@ -252,8 +277,6 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
             return [
                 _node_from_hit(_doc_hit(d)) for d in docs if matches(node, d.metadata)  # type: ignore[arg-type]
             ]
-        if flt is None:
-            raise InvalidInputError("get_nodes needs node_ids or filters")
         ids = self._ids_matching(flt, max(1, self._store.count()))
         return [_node_from_hit(_doc_hit(d)) for d in self._store.get(ids)]
 
@@ -264,26 +287,36 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
 
         ``kwargs`` may override ``weights``, ``fusion`` and ``candidate_depth``.
         """
-        k = query.hybrid_top_k if query.mode == VectorStoreQueryMode.HYBRID and query.hybrid_top_k else None
-        k = k or query.similarity_top_k
+        mode = VectorStoreQueryMode(query.mode)
+        k = query.similarity_top_k
+        if mode == VectorStoreQueryMode.HYBRID and query.hybrid_top_k:
+            k = query.hybrid_top_k
+        elif mode in (VectorStoreQueryMode.SPARSE, VectorStoreQueryMode.TEXT_SEARCH) and query.sparse_top_k:
+            k = query.sparse_top_k
         flt = metadata_filters_to_m3(query.filters)
         if query.doc_ids:
             doc_filter = {"ref_doc_id": {"$in": list(query.doc_ids)}}
             flt = doc_filter if flt is None else {"$and": [flt, doc_filter]}
         fusion = kwargs.get("fusion", self.fusion)
         depth = kwargs.get("candidate_depth", self.candidate_depth)
+        if depth is None and mode == VectorStoreQueryMode.HYBRID and query.sparse_top_k:
+            # at least sparse_top_k candidates per route; the store's default depth when larger
+            default = self._store.candidate_depth or max(100, 10 * k)
+            depth = max(default, int(query.sparse_top_k), k)
+        if query.query_str is None and query.query_embedding is None:
+            raise InvalidInputError("VectorStoreQuery needs query_str (or a dense query_embedding)")
+        if not self._exists():
+            return VectorStoreQueryResult(nodes=[], similarities=[], ids=[])
         if query.query_str is not None:
             weights = kwargs.get("weights") or weights_for_mode(query.mode, query.alpha, self.hybrid_weights)
             hits = self._store.search(
                 query.query_str, k=k, weights=weights, filter=flt, fusion=fusion, candidate_depth=depth
             )
-        elif query.query_embedding is not None:
+        else:
             hits = self._store.search_by_vectors(
                 Vectors(dense=np.asarray(query.query_embedding, np.float32)),
                 k=k, weights=(1.0, 0.0, 0.0), filter=flt, fusion=fusion, candidate_depth=depth,
             )
-        else:
-            raise InvalidInputError("VectorStoreQuery needs query_str (or a dense query_embedding)")
         if query.node_ids:  # VectorStoreIndex passes [] when the store holds the text
             wanted = set(query.node_ids)
             hits = [h for h in hits if h.id in wanted]
@@ -341,6 +374,8 @@ class M3LlamaRetriever(BaseRetriever):
         return None if self.filters is None else dict(self.filters)
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        if not bool(getattr(self.store, "exists", True)):
+            return []
         hits = self.store.search(
             query_bundle.query_str,
             k=self.k,
@@ -393,3 +428,108 @@ class M3LlamaEmbedding(BaseEmbedding):
 
     async def _aget_text_embedding(self, text: str) -> list[float]:
         return await asyncio.get_running_loop().run_in_executor(None, self._get_text_embedding, text)
+
+
+# -- sparse embedding ------------------------------------------------------------------------
+
+
+class M3LlamaSparseEmbedding(BaseSparseEmbedding):
+    """BGE-M3 lexical weights (``{token_id: weight}``) as a LlamaIndex sparse embedding.
+
+    Besides the ``BaseSparseEmbedding`` interface it offers the shapes LlamaIndex's native
+    stores take: :meth:`sparse_doc_fn` / :meth:`sparse_query_fn` (``QdrantVectorStore``; see
+    :meth:`qdrant_kwargs`) and :meth:`encode_documents` / :meth:`encode_queries`
+    (``MilvusVectorStore(sparse_embedding_function=...)``; registered as its
+    ``BaseSparseEmbeddingFunction`` when that package is installed). The weights are M3's raw
+    lexical weights: keep IDF modifiers off, the model already weighs the tokens.
+    ``max_length`` / ``query_max_length`` cut documents / queries (default: the encoder's).
+    """
+
+    max_length: int | None = Field(default=None)
+    query_max_length: int | None = Field(default=None)
+    _encoder: Any = PrivateAttr()
+
+    def __init__(self, encoder: M3Encoder, **kwargs: Any) -> None:
+        kwargs.setdefault("model_name", str(getattr(encoder, "model_name", "bge-m3")))
+        super().__init__(**kwargs)
+        self._encoder = encoder
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "M3LlamaSparseEmbedding"
+
+    @property
+    def encoder(self) -> Any:
+        return self._encoder
+
+    def _sparse(self, texts: Sequence[str], *, query: bool = False) -> list[dict[int, float]]:
+        length = (self.query_max_length or self.max_length) if query else self.max_length
+        out = self._encoder.encode(
+            list(texts), max_length=length, return_dense=False, return_colbert=False, show_progress=False
+        )
+        return [{int(t): float(w) for t, w in row.items()} for row in out.sparse]
+
+    # BaseSparseEmbedding
+    def _get_query_embedding(self, query: str) -> dict[int, float]:
+        return self._sparse([query], query=True)[0]
+
+    def _get_text_embedding(self, text: str) -> dict[int, float]:
+        return self._sparse([text])[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[dict[int, float]]:
+        return self._sparse(texts)
+
+    async def _aget_query_embedding(self, query: str) -> dict[int, float]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> dict[int, float]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._get_text_embedding, text)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[dict[int, float]]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._get_text_embeddings, texts)
+
+    # QdrantVectorStore: (indices, values) per text
+    @staticmethod
+    def _split(rows: list[dict[int, float]]) -> tuple[list[list[int]], list[list[float]]]:
+        return [list(r) for r in rows], [list(r.values()) for r in rows]
+
+    def sparse_doc_fn(self, texts: list[str]) -> tuple[list[list[int]], list[list[float]]]:
+        """``QdrantVectorStore``'s ``sparse_doc_fn``: token ids and weights per document."""
+        return self._split(self._sparse(texts))
+
+    def sparse_query_fn(self, texts: list[str]) -> tuple[list[list[int]], list[list[float]]]:
+        """``QdrantVectorStore``'s ``sparse_query_fn``: token ids and weights per query."""
+        return self._split(self._sparse(texts, query=True))
+
+    def qdrant_kwargs(self) -> dict[str, Any]:
+        """``QdrantVectorStore(**sparse.qdrant_kwargs())``: hybrid on, M3 for both sparse functions."""
+        return {"enable_hybrid": True, "sparse_doc_fn": self.sparse_doc_fn, "sparse_query_fn": self.sparse_query_fn}
+
+    # MilvusVectorStore: BaseSparseEmbeddingFunction
+    def encode_documents(self, documents: list[str]) -> list[dict[int, float]]:
+        return self._sparse(documents)
+
+    def encode_queries(self, queries: list[str]) -> list[dict[int, float]]:
+        return self._sparse(queries, query=True)
+
+    async def async_encode_documents(self, documents: list[str]) -> list[dict[int, float]]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.encode_documents, documents)
+
+    async def async_encode_queries(self, queries: list[str]) -> list[dict[int, float]]:
+        return await asyncio.get_running_loop().run_in_executor(None, self.encode_queries, queries)
+
+
+def _register_milvus_sparse_function() -> None:
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("llama_index.vector_stores.milvus") is None:
+            return
+        from llama_index.vector_stores.milvus.utils import BaseSparseEmbeddingFunction  # type: ignore[import-not-found]
+
+        BaseSparseEmbeddingFunction.register(M3LlamaSparseEmbedding)
+    except Exception:  # noqa: BLE001, S110 - optional package, or one whose layout changed
+        pass
+
+
+_register_milvus_sparse_function()

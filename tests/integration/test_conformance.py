@@ -189,11 +189,14 @@ def test_bad_input_is_named_and_loses_nothing(filled) -> None:
     assert filled.count() == len(DOCS)
 
 
-def test_empty_text_is_stored(store_factory) -> None:
+def test_empty_text_is_refused_and_nothing_is_created(store_factory) -> None:
     store = store_factory()
-    store.add([""], ids=["empty"])
-    assert store.get(["empty"])[0].text == ""
-    assert store.search("", k=1)[0].id == "empty"
+    for text in ("", "   "):
+        with pytest.raises(m3connect.InvalidInputError, match=r"texts\[1\] is empty"):
+            store.add(["fine", text], ids=["a", "empty"])
+    assert not store.exists  # the check ran before anything was written
+    with pytest.raises(m3connect.InvalidInputError, match="query is empty"):
+        store.search("")
 
 
 def test_failed_write_names_batch_and_rerun_resumes(store_factory, monkeypatch) -> None:

@@ -23,10 +23,18 @@ pytest.importorskip("langchain_core")
 pytest.importorskip("langchain_tests")
 
 from langchain_core.documents import Document  # noqa: E402
-from langchain_tests.integration_tests import RetrieversIntegrationTests, VectorStoreIntegrationTests  # noqa: E402
+from langchain_core.vectorstores.utils import maximal_marginal_relevance  # noqa: E402
+from langchain_tests.integration_tests import (  # noqa: E402
+    EmbeddingsIntegrationTests,
+    RetrieversIntegrationTests,
+    VectorStoreIntegrationTests,
+)
+from langchain_tests.unit_tests import EmbeddingsUnitTests  # noqa: E402
 
 from m3connect import connect  # noqa: E402
+from m3connect.integrations import langchain as m3_langchain  # noqa: E402
 from m3connect.integrations.langchain import (  # noqa: E402
+    RETRIEVAL_MODES,
     M3DenseEmbeddings,
     M3Retriever,
     M3SparseEmbeddings,
@@ -138,6 +146,30 @@ class TestM3RetrieverMilvus(_M3RetrieverStandard):
     engine = "milvus"
 
 
+class _EncoderParams:
+    """``embedding_model_params`` is a property, not a fixture: hand it the session encoder here."""
+
+    @pytest.fixture(autouse=True)
+    def _session_encoder(self, encoder: Any) -> None:
+        type(self)._encoder = encoder
+
+    @property
+    def embeddings_class(self) -> type[M3DenseEmbeddings]:
+        return M3DenseEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict[str, Any]:
+        return {"encoder": type(self)._encoder}
+
+
+class TestM3DenseEmbeddingsUnit(_EncoderParams, EmbeddingsUnitTests):
+    pass
+
+
+class TestM3DenseEmbeddingsIntegration(_EncoderParams, EmbeddingsIntegrationTests):
+    pass
+
+
 # -- M3-specific ----------------------------------------------------------------------------
 
 
@@ -232,3 +264,110 @@ def test_from_texts(encoder: Any) -> None:
     assert vs.similarity_search("blue sky", k=1) == [Document(id="b", page_content="blue sky", metadata={"c": "blue"})]
     with pytest.raises(ValueError):
         M3VectorStore.from_texts(["x"], None, uri="qdrant://:memory:")
+
+
+# -- delete all, maximal marginal relevance, retrieval modes ----------------------------------
+
+
+@pytest.mark.parametrize("engine", ["qdrant", "milvus"])
+def test_delete_without_ids_deletes_everything(
+    engine: str, encoder: Any, milvus_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _fresh_store(engine, milvus_db, encoder)
+    try:
+        vs = M3VectorStore(store)
+        assert vs.delete() is True  # nothing written yet
+        monkeypatch.setattr(m3_langchain, "_DELETE_BATCH", 2)  # several rounds
+        vs.add_texts([f"text number {i}" for i in range(5)], ids=[f"d{i}" for i in range(5)])
+        assert store.count() == 5
+        assert vs.delete(ids=None) is True
+        assert store.count() == 0
+        assert vs.get_by_ids([f"d{i}" for i in range(5)]) == []
+        vs.add_texts(["written again"], ids=["again"])  # the collection is still there
+        assert [d.id for d in vs.similarity_search("written again", k=3)] == ["again"]
+    finally:
+        store.drop()
+        store.close()
+
+
+def _mmr_oracle(vs: M3VectorStore, encoder: Any, query_dense: Any, hits: list[Any], k: int, lam: float) -> list[str]:
+    """MMR over the candidates' dense vectors as the encoder computes them (not as stored)."""
+    dense = encoder.encode([h.text for h in hits], max_length=vs.store.max_length).dense
+    return [hits[i].id for i in maximal_marginal_relevance(query_dense, list(dense), lam, k)]
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.5, 0.1])
+def test_max_marginal_relevance(corpus_vs: M3VectorStore, encoder: Any, lam: float) -> None:
+    store = corpus_vs.store
+    q = encoder.encode_one(QUERY)
+    for weights in [(0.4, 0.2, 0.4), "sparse"]:
+        w = RETRIEVAL_MODES[weights] if isinstance(weights, str) else weights
+        hits = store.search(QUERY, k=12, weights=w, filter={"lang": "en"})
+        docs = corpus_vs.max_marginal_relevance_search(
+            QUERY, k=4, fetch_k=12, lambda_mult=lam, weights=weights, filter={"lang": "en"}
+        )
+        assert [d.id for d in docs] == _mmr_oracle(corpus_vs, encoder, q.dense, hits, 4, lam)
+        assert all(d.metadata["lang"] == "en" for d in docs)
+
+    by_vector = corpus_vs.max_marginal_relevance_search_by_vector(q.dense.tolist(), k=4, fetch_k=12, lambda_mult=lam)
+    dense_hits = store.search(QUERY, k=12, weights=(1, 0, 0))
+    assert [d.id for d in by_vector] == _mmr_oracle(corpus_vs, encoder, q.dense, dense_hits, 4, lam)
+    if lam == 1.0:  # relevance only: the dense ranking itself
+        assert [d.id for d in by_vector] == [h.id for h in dense_hits[:4]]
+
+
+async def test_max_marginal_relevance_drops_duplicates(encoder: Any, milvus_db: Path) -> None:
+    store = _fresh_store("qdrant", milvus_db, encoder)
+    try:
+        vs = M3VectorStore(store, retrieval_mode="dense")
+        docs = sample_corpus()[:15]
+        vs.add_texts([d["text"] for d in docs], ids=[d["id"] for d in docs])
+        top = vs.similarity_search(QUERY, k=1)[0]
+        vs.add_texts([top.page_content], ids=["copy"])  # the same text, the same dense vector
+        plain = [d.id for d in vs.similarity_search(QUERY, k=2)]
+        assert sorted(plain) == sorted([top.id, "copy"])
+        diverse = [d.id for d in vs.max_marginal_relevance_search(QUERY, k=2, fetch_k=10, lambda_mult=0.3)]
+        assert len({top.id, "copy"} & set(diverse)) == 1
+        retriever = vs.as_retriever(search_type="mmr", search_kwargs={"k": 2, "fetch_k": 10, "lambda_mult": 0.3})
+        assert [d.id for d in retriever.invoke(QUERY)] == diverse
+        found = await vs.amax_marginal_relevance_search(QUERY, k=2, fetch_k=10, lambda_mult=0.3)
+        assert [d.id for d in found] == diverse
+        assert vs.max_marginal_relevance_search(QUERY, k=2, filter={"lang": "none"}) == []
+    finally:
+        store.drop()
+        store.close()
+
+
+def test_retrieval_mode_aliases(corpus_vs: M3VectorStore) -> None:
+    import enum
+
+    class RetrievalMode(str, enum.Enum):  # langchain-qdrant's enum, by value
+        DENSE = "dense"
+        SPARSE = "sparse"
+        HYBRID = "hybrid"
+
+    store = corpus_vs.store
+    expect = {
+        "dense": (1, 0, 0),
+        "sparse": (0, 1, 0),
+        "colbert": (0, 0, 1),
+        "hybrid": (0.4, 0.2, 0),
+        "m3": (0.4, 0.2, 0.4),
+        "all": (0.4, 0.2, 0.4),
+    }
+    assert set(RETRIEVAL_MODES) == set(expect)
+    for mode, weights in expect.items():
+        assert RETRIEVAL_MODES[mode] == pytest.approx(weights), mode
+    for mode, weights in expect.items():
+        want = [h.id for h in store.search(QUERY, k=4, weights=weights)]
+        assert [d.id for d in corpus_vs.similarity_search(QUERY, k=4, weights=mode)] == want, mode
+        assert [d.id for d in M3Retriever(store=store, k=4, weights=mode.upper()).invoke(QUERY)] == want, mode
+    sparse_ids = [h.id for h in store.search(QUERY, k=3, weights=(0, 1, 0))]
+    by_mode = M3VectorStore(store, retrieval_mode=RetrievalMode.SPARSE)
+    assert [d.id for d in by_mode.similarity_search(QUERY, k=3)] == sparse_ids
+    assert [d.id for d in M3VectorStore(store, weights="sparse").similarity_search(QUERY, k=3)] == sparse_ids
+    assert [d.id for d in M3Retriever(store=store, k=3).invoke(QUERY, weights=RetrievalMode.SPARSE)] == sparse_ids
+    with pytest.raises(ValueError, match="retrieval mode"):
+        corpus_vs.similarity_search(QUERY, weights="semantic")
+    with pytest.raises(ValueError, match="retrieval mode"):
+        M3VectorStore(store, retrieval_mode="bm25")

@@ -232,6 +232,7 @@ def test_overwrite_leaves_no_stale_chunks_and_a_crash_keeps_documents_whole(fres
 
 
 def test_older_layout_is_refused_with_a_reason(fresh, fresh_uri, encoder) -> None:
+    fresh.add(["x"], ids=["x"])  # the collection is created by the first write
     adapter = fresh.adapter
     spec = json.loads(adapter.spec.to_json())  # no "layout": what the token-row version wrote
     adapter.client.upsert("m3connect_meta", [{"name": adapter.collection, "spec": json.dumps(spec), "unused": [0.0, 0.0]}])

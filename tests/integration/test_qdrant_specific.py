@@ -101,6 +101,8 @@ def test_edge_read_spec_fresh_foreign_and_tampered(tmp_path) -> None:
         m3connect.connect(f"qdrant:///{tmp_path}/db", collection="foreign", spec=_spec())
 
     store = m3connect.connect(f"qdrant:///{tmp_path}/db", collection="t", spec=_spec())
+    assert not (tmp_path / "db" / "t").exists()  # created by the first write, not by connect
+    store.add_vectors(_random_vectors(np.random.default_rng(0), 1), ids=["1"])
     store.close()
     spec_file = tmp_path / "db" / "t" / SPEC_FILE
     spec_file.write_text(_spec(dense_dim=12).to_json())  # the spec no longer describes the shard
@@ -113,7 +115,8 @@ def test_collections_are_separate_shards(tmp_path) -> None:
     a = m3connect.connect(uri, collection="a", spec=_spec())
     b = m3connect.connect(uri, collection="b", spec=_spec())
     a.add_vectors(_random_vectors(np.random.default_rng(1), 3), ids=["1", "2", "3"])
-    assert (a.count(), b.count()) == (3, 0)
+    b.add_vectors(_random_vectors(np.random.default_rng(2), 1), ids=["9"])
+    assert (a.count(), b.count()) == (3, 1)
     b.drop()
     assert not (tmp_path / "db" / "b").exists() and a.count() == 3
     a.close()
@@ -122,6 +125,8 @@ def test_collections_are_separate_shards(tmp_path) -> None:
 def test_one_shard_per_collection_shared_in_process_locked_across_processes(tmp_path) -> None:
     uri = f"qdrant:///{tmp_path}/db"
     first = m3connect.connect(uri, collection="c", spec=_spec())
+    first.add_vectors(_random_vectors(np.random.default_rng(4), 1), ids=["z"])
+    first.delete(["z"])
     second = m3connect.connect(uri, collection="c")
     assert second.adapter.shard is first.adapter.shard  # one open shard, not two writers
     first.add_vectors(_random_vectors(np.random.default_rng(5), 2), ids=["a", "b"])

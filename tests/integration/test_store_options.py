@@ -46,9 +46,13 @@ def test_qdrant_stores_colbert_as_float16(encoder, tmp_path) -> None:
     assert hit.id == "a"
 
 
-def test_milvus_lite_refuses_float16_with_a_reason(encoder, tmp_path) -> None:
-    with pytest.raises(m3connect.M3Error, match="float32"):
-        m3connect.connect(f"milvus:///{tmp_path}/m.db", collection="half", encoder=encoder, colbert_dtype="float16")
+def test_milvus_lite_stores_float16(encoder, tmp_path) -> None:
+    # ColBERT lives in packed byte chunks, so Lite keeps any colbert_dtype (issue 10).
+    store = m3connect.connect(f"milvus:///{tmp_path}/m.db", collection="half", encoder=encoder, colbert_dtype="float16")
+    store.add(["half precision token vectors"], ids=["a"])
+    exact = encoder.encode(["half precision token vectors"]).colbert[0]
+    np.testing.assert_array_equal(store.adapter.fetch(["a"])["a"].colbert, exact.astype(np.float16).astype(np.float32))
+    assert store.info()["spec"]["colbert_dtype"] == "float16"
 
 
 def test_bad_colbert_dtype(encoder) -> None:
@@ -57,8 +61,9 @@ def test_bad_colbert_dtype(encoder) -> None:
 
 
 def test_open_without_encoder_needs_existing_collection(encoder, tmp_path) -> None:
-    with pytest.raises(m3connect.InvalidInputError, match="does not exist"):
+    with pytest.raises(m3connect.CollectionNotFoundError, match="does not exist"):
         m3connect.connect(f"qdrant:///{tmp_path}/q", collection="nothing")
+    assert not (tmp_path / "q").exists()
 
 
 @pytest.mark.parametrize(
