@@ -8,9 +8,13 @@
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import hashlib
 import importlib
 import json
+import logging
+import os
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,13 +40,14 @@ from .errors import (
     redact_error,
 )
 from .filters import parse_filter
-from .types import Document, Hit, Vectors
+from .types import ROUTES, Document, Hit, Vectors
 
 if TYPE_CHECKING:
     from .protocols import Encoder
 
 __all__ = ["connect", "M3Store", "ParsedURI", "parse_uri", "safe_uri", "IngestReport", "document_id"]
 
+_log = logging.getLogger(__name__)  # DEBUG: batches, searches, timings; the library never configures logging
 Fusion = Literal["exact", "engine", "rrf"]
 _MAX_K = 10_000  # OpenSearch's result window and Milvus' topk limit; Qdrant takes more, no user needs it
 _ADAPTERS = {
@@ -205,6 +210,27 @@ def _check_json_value(value: Any, where: str) -> None:
     )
 
 
+def _check_batch_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_K:
+        raise InvalidInputError(f"batch_size must be an int in 1..{_MAX_K}, got {value!r}")
+    return value
+
+
+def _check_routes(vectors: Any) -> tuple[str, ...]:
+    """``get(vectors=...)``: a route name or names of routes, checked; ``()`` for none."""
+    if vectors is None:
+        return ()
+    if isinstance(vectors, str):
+        vectors = (vectors,)
+    if not isinstance(vectors, Iterable):
+        raise InvalidTypeError(f"vectors must name routes of {ROUTES}, got {type(vectors).__name__}")
+    named = list(vectors)
+    unknown = [r for r in named if not isinstance(r, str) or r not in ROUTES]
+    if unknown:
+        raise InvalidInputError(f"vectors must name routes of {ROUTES}, got {unknown[0]!r}")
+    return tuple(dict.fromkeys(named))
+
+
 def document_id(text: str, metadata: Mapping[str, Any] | None = None) -> str:
     """Deterministic id from content, so re-running an ingestion overwrites, never duplicates."""
     digest = hashlib.sha256(text.encode("utf-8"))
@@ -274,6 +300,64 @@ def _load_adapter(location: ParsedURI, collection: str, options: dict[str, Any])
     return adapter
 
 
+class ReadWriteLock:
+    """Many readers or one writer. Embedded engines share one per location, so that threads of
+    one process never see a half-applied overwrite (Milvus Lite applies an upsert as a delete
+    and an insert; a search in between would miss the document on some routes)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class _NoLock:
+    """Servers order concurrent requests themselves."""
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        yield
+
+    write = read
+
+
+_EMBEDDED_LOCKS: dict[tuple[str, str], ReadWriteLock] = {}
+_EMBEDDED_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(location: ParsedURI) -> ReadWriteLock | _NoLock:
+    if not location.embedded or location.path == ":memory:":
+        return ReadWriteLock() if location.embedded else _NoLock()
+    with _EMBEDDED_LOCKS_GUARD:
+        return _EMBEDDED_LOCKS.setdefault((location.engine, os.path.realpath(location.path or "")), ReadWriteLock())
+
+
 @dataclass
 class IngestReport:
     """What one ingestion did."""
@@ -305,6 +389,7 @@ class M3Store:
         pending_spec: CollectionSpec | None = None,
         engine: str = "",
         collection: str = "",
+        lock: ReadWriteLock | _NoLock | None = None,
     ) -> None:
         """Wrap an adapter whose collection is open, or (``pending_spec``) one to create on the
         first write. ``adapter`` may be a factory, called on first use, so that a read of a
@@ -318,6 +403,7 @@ class M3Store:
         self.engine = engine
         self.collection = collection
         self._pending_spec = pending_spec
+        self._lock = lock or _NoLock()
         self.encoder = encoder
         self.candidate_depth = candidate_depth
         self.max_length = max_length
@@ -613,7 +699,12 @@ class M3Store:
             rec_size = 0 if record is None else record.nbytes(0) + len(record.colbert) * row_bytes  # type: ignore[arg-type]
             if batch and (record is None or size + rec_size > limit):
                 try:
-                    adapter.upsert(batch)
+                    t0 = time.perf_counter()
+                    with self._lock.write():
+                        adapter.upsert(batch)
+                    _log.debug("%s %r: wrote batch %d (%d documents, %.0f kB) in %.1f ms", adapter.engine,
+                               adapter.collection, report.batches, len(batch), size / 1024,
+                               1000 * (time.perf_counter() - t0))
                 except (InvalidInputError, InvalidTypeError):
                     raise  # a bad record: its message names it; earlier batches are stored
                 except Exception as exc:  # adapters raise M3Errors; a wrapped or patched one may not
@@ -635,20 +726,81 @@ class M3Store:
 
     def count(self) -> int:
         """Number of stored documents (``CollectionNotFoundError`` if the collection does not exist)."""
-        return self._reader().count()
+        with self._lock.read():
+            return self._reader().count()
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete documents by id; unknown ids are ignored (as is a collection not yet created)."""
         ids = self._check_ids(ids)
         if ids and self._pending_spec is None:
-            self.adapter.delete(ids)
-            self.adapter.flush()
+            with self._lock.write():
+                self.adapter.delete(ids)
+                self.adapter.flush()
 
-    def get(self, ids: Sequence[str]) -> list[Document]:
-        """Stored documents by id, in the order asked; missing ids are left out."""
+    def get(self, ids: Sequence[str], *, vectors: Iterable[str] | str = ()) -> list[Document]:
+        """Stored documents by id, in the order asked; missing ids are left out.
+
+        ``vectors`` names routes (``("dense", "sparse", "colbert")``) whose stored vectors come
+        back in :attr:`Document.vectors <m3connect.types.Document.vectors>`, in their stored
+        form (ColBERT after the collection's ``colbert_pool_factor`` and ``colbert_dtype``);
+        routes not named stay ``None``. By default no vector moves and ``vectors`` is ``None``.
+        """
         ids = self._check_ids(ids)
-        found = self._reader().fetch(ids, fields=())
-        return [Document(found[i].id, found[i].text, found[i].metadata) for i in ids if i in found]
+        routes = _check_routes(vectors)
+        with self._lock.read():
+            found = self._reader().fetch(ids, fields=routes)
+        return [
+            Document(found[i].id, found[i].text, found[i].metadata, found[i].vectors if routes else None)
+            for i in ids if i in found
+        ]
+
+    def ids(self, filter: Mapping[str, Any] | None = None, *, batch_size: int = 1000) -> Iterator[str]:
+        """Every stored id, or those of the documents whose metadata matches ``filter``.
+
+        The filter runs in the engine, and the ids come from the engine's cursor (Milvus
+        ``query_iterator``, Qdrant ``scroll``, OpenSearch scroll), ``batch_size`` per round
+        trip, with no cap on how many (a search stops at 10,000). The order is the engine's;
+        documents written or deleted during the iteration may or may not be seen. Raises
+        ``CollectionNotFoundError`` at the call if the collection does not exist.
+
+        >>> sorted(store.ids({"lang": "en"}))  # doctest: +SKIP
+        """
+        size = _check_batch_size(batch_size)
+        flt = parse_filter(filter)
+        return self._ids(self._reader().iter_ids(flt, size))
+
+    def _ids(self, batches: Iterator[list[str]]) -> Iterator[str]:
+        # The lock is held per round trip, not across the caller's loop, which may write.
+        try:
+            while True:
+                with self._lock.read():
+                    batch = next(batches, None)
+                if batch is None:
+                    return
+                yield from batch
+        finally:
+            batches.close()  # type: ignore[attr-defined]  # a generator: ends the engine cursor
+
+    def clear(self, filter: Mapping[str, Any] | None = None, *, batch_size: int = 1000) -> int:
+        """Delete every document, or those whose metadata matches ``filter``; returns how many.
+
+        The collection and its schema stay (:meth:`drop` removes them). Ids are listed as
+        by :meth:`ids` and deleted ``batch_size`` at a time. A collection that does not exist
+        yet holds nothing: 0.
+        """
+        size = _check_batch_size(batch_size)
+        flt = parse_filter(filter)
+        if self._pending_spec is not None:
+            return 0
+        adapter = self.adapter
+        deleted = 0
+        with self._lock.write():
+            for batch in adapter.iter_ids(flt, size):
+                adapter.delete(batch)
+                deleted += len(batch)
+            if deleted:
+                adapter.flush()
+        return deleted
 
     @staticmethod
     def _check_ids(ids: Sequence[str]) -> list[str]:
@@ -733,12 +885,17 @@ class M3Store:
         stats = self.last_query_stats = _fusion.QueryStats()
         if fusion not in ("exact", "engine", "rrf"):
             raise InvalidInputError(f"fusion must be 'exact', 'engine' or 'rrf', got {fusion!r}")
-        if fusion == "exact":
-            return _fusion.exact(adapter, q, w, k, flt, depth, routes=candidate_routes, stats=stats)
-        if fusion not in ("engine", "rrf"):
-            raise InvalidInputError(f"fusion must be 'exact', 'engine' or 'rrf', got {fusion!r}")
-        method = "weighted" if fusion == "engine" else "rrf"
-        return _fusion.pushed(adapter, q, w, k, flt, depth, method, stats=stats)
+        t0 = time.perf_counter()
+        with self._lock.read():
+            if fusion == "exact":
+                hits = _fusion.exact(adapter, q, w, k, flt, depth, routes=candidate_routes, stats=stats)
+            else:
+                method = "weighted" if fusion == "engine" else "rrf"
+                hits = _fusion.pushed(adapter, q, w, k, flt, depth, method, stats=stats)
+        _log.debug("%s %r: %s search k=%d depth=%d: %d candidates, %d score calls, %d pruned, %.1f ms",
+                   adapter.engine, adapter.collection, fusion, k, depth, stats.candidates, stats.score_calls,
+                   stats.pruned, 1000 * (time.perf_counter() - t0))
+        return hits
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -856,6 +1013,7 @@ def connect(
         return M3Store(
             lambda: _load_adapter(location, collection, options), encoder, candidate_depth=candidate_depth,
             max_length=max_length, pending_spec=spec, engine=engine, collection=collection,
+            lock=_lock_for(location),
         )
     adapter = _load_adapter(location, collection, options)
     try:
@@ -868,7 +1026,7 @@ def connect(
                 )
             _check_storage_support(location, spec)
             return M3Store(adapter, encoder, candidate_depth=candidate_depth, max_length=max_length,
-                           pending_spec=spec)
+                           pending_spec=spec, lock=_lock_for(location))
         if spec is not None:
             _check_compatible(collection, existing, spec, asked)
         elif asked:
@@ -877,7 +1035,8 @@ def connect(
     except BaseException:
         adapter.close()
         raise
-    return M3Store(adapter, encoder, candidate_depth=candidate_depth, max_length=max_length)
+    return M3Store(adapter, encoder, candidate_depth=candidate_depth, max_length=max_length,
+                   lock=_lock_for(location))
 
 
 _STORAGE_FIELDS = ("colbert_dtype", "colbert_pool_factor")

@@ -61,12 +61,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -161,6 +162,17 @@ def compile_filter(node: FilterNode | None) -> str:
 
 def _id_list(ids: Iterable[str]) -> str:
     return "[" + ", ".join(literal(i) for i in ids) + "]"
+
+
+class _LiteSessionTsFilter(logging.Filter):
+    """Milvus Lite returns no MVCC session timestamp to ``query_iterator``; pymilvus then warns
+    and uses a client-side one, which is what Lite needs. Hides that one expected warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to get mvccTs" not in record.getMessage()
+
+
+_QUERY_ITERATOR_LOG = logging.getLogger("pymilvus.client.iterator.query_iterator")
 
 
 def _both(expr: str, other: str) -> str:
@@ -537,8 +549,8 @@ class MilvusAdapter(Adapter):
         keys = {rid: [f"{ref}:{i}" for i in range(self._n_chunks(n))] for rid, (ref, n) in refs.items()}
         present: set[str] = set()
         for chunk in self.batched([k for ks in keys.values() for k in ks], _ID_BATCH):
-            present.update(r["key"] for r in self.client.query(self.colbert_collection, filter=f"key in {_id_list(chunk)}",
-                                                               output_fields=["key"]))
+            rows = self.client.query(self.colbert_collection, filter=f"key in {_id_list(chunk)}", output_fields=["key"])
+            present.update(r["key"] for r in rows)
         return {rid for rid, ks in keys.items() if present.issuperset(ks)}
 
     def _stored_ids(self, ids: Sequence[str]) -> set[str]:
@@ -548,6 +560,28 @@ class MilvusAdapter(Adapter):
             found.update(r["id"] for r in self.client.query(self.collection, filter=f"id in {_id_list(chunk)}",
                                                             output_fields=["id"]))
         return found
+
+    def iter_ids(self, flt: FilterNode | None, batch_size: int = 1000) -> Iterator[list[str]]:
+        """``query_iterator`` over the main collection with the compiled filter (``""``: all):
+        a primary-key cursor, so no 16,384 window, and deleting yielded ids skips nothing."""
+        kwargs: dict[str, Any] = {"batch_size": batch_size, "filter": compile_filter(flt), "output_fields": ["id"]}
+        if self.lite:
+            quiet = _LiteSessionTsFilter()
+            _QUERY_ITERATOR_LOG.addFilter(quiet)
+            try:
+                iterator = self.client.query_iterator(self.collection, **kwargs)
+            finally:
+                _QUERY_ITERATOR_LOG.removeFilter(quiet)
+        else:
+            iterator = self.client.query_iterator(self.collection, **kwargs)
+        try:
+            while True:
+                rows = iterator.next()
+                if not rows:
+                    return
+                yield [row["id"] for row in rows]
+        finally:
+            iterator.close()
 
     def fetch(self, ids: Sequence[str], *, fields: Collection[str] = ROUTES) -> dict[str, Record]:
         wanted = [r for r in ROUTES if r in fields]
@@ -576,20 +610,36 @@ class MilvusAdapter(Adapter):
         sparse = {int(k): float(v) for k, v in dict(value).items()}
         return {} if sparse.keys() == _EMPTY_SPARSE.keys() and sparse[0] < 1e-20 else sparse
 
-    def _load_colbert(self, refs: dict[str, tuple[str, int]]) -> dict[str, np.ndarray]:
-        """ColBERT matrices by ``{id: (colbert_ref, n_tokens)}``, read by primary key."""
+    def _load_colbert(self, refs: dict[str, tuple[str, int]], *, retries: int = 3) -> dict[str, np.ndarray]:
+        """ColBERT matrices by ``{id: (colbert_ref, n_tokens)}``, read by primary key.
+
+        A reader racing an overwrite may hold the ref of a version whose chunks were just
+        retired; the row already points at the new, complete chunks (``upsert`` writes them
+        first), so those ids are re-read with their current ref. Chunks still missing under
+        an unchanged ref mean real damage."""
         keys = [f"{ref}:{i}" for ref, n in refs.values() for i in range(self._n_chunks(n))]
         data: dict[str, str] = {}
+        # a retry reads with Strong consistency: the default may not see chunks just written
+        level = {} if retries >= 3 else {"consistency_level": "Strong"}
         for chunk in self.batched(keys, _READ_KEYS):
             for row in self.client.query(self.colbert_collection, filter=f"key in {_id_list(chunk)}",
-                                         output_fields=["data"]):
+                                         output_fields=["data"], **level):
                 data[row["key"]] = row["data"]
         out: dict[str, np.ndarray] = {}
+        stale: list[str] = []
         for rid, (ref, n) in refs.items():
             parts = [data.get(f"{ref}:{i}") for i in range(self._n_chunks(n))]
             if any(p is None for p in parts):
-                raise BackendError(f"ColBERT vectors of {rid!r} are incomplete; re-ingest it")
+                stale.append(rid)
+                continue
             out[rid] = unpack_colbert(parts, n, self._dim, self._dtype)  # type: ignore[arg-type]
+        if stale:
+            now = self._old_colbert(stale)  # a document deleted meanwhile is simply left out
+            again = {rid: now[rid] for rid in stale if rid in now}
+            if again and retries <= 0:
+                raise BackendError(f"ColBERT vectors of {next(iter(again))!r} are incomplete; re-ingest it")
+            if again:
+                out.update(self._load_colbert(again, retries=retries - 1))
         return out
 
     # -- search -----------------------------------------------------------------------------
