@@ -47,8 +47,9 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -71,8 +72,14 @@ from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, Rout
 try:
     from opensearchpy import OpenSearch
     from opensearchpy import exceptions as os_exc
+    from opensearchpy import helpers as os_helpers
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise MissingDependencyError.for_extra("opensearch-py", "opensearch") from exc
+
+try:
+    import tenacity
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise MissingDependencyError.for_extra("tenacity", "opensearch") from exc
 
 try:  # optional: ~10x faster request bodies (numpy arrays serialised natively)
     import orjson as _orjson
@@ -80,6 +87,15 @@ except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
 __all__ = ["OpenSearchAdapter", "compile_filter", "index_name"]
+
+_log = logging.getLogger(__name__)
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure worth retrying: the node was busy, restarting or briefly unreachable."""
+    if isinstance(exc, (os_exc.ConnectionError, os_exc.ConnectionTimeout)):
+        return True
+    return isinstance(exc, os_exc.TransportError) and exc.status_code in (429, 502, 503, 504)
 
 _META_KEY = "m3connect"
 _LAYOUT_KEY = "m3connect_opensearch"  # adapter layout, beside the backend-neutral spec
@@ -362,8 +378,10 @@ class OpenSearchAdapter(Adapter):
                  ef_construction: int = 128, m: int = 16, refresh_interval: str = "-1",
                  bulk_concurrency: int = 2, engine_prefetch: float = 4.0, engine_window: float = 1.5,
                  search_concurrency: int = 2, ef_search: int = 100, colbert_bruteforce: bool = False,
-                 **client_options: Any) -> None:
+                 max_retries: int = 4, retry_backoff: float = 0.5, **client_options: Any) -> None:
         super().__init__(collection)
+        self.max_retries = max(0, int(max_retries))
+        self.retry_backoff = max(0.0, float(retry_backoff))
         self.colbert_bruteforce = bool(colbert_bruteforce)
         self.bulk_concurrency = max(1, int(bulk_concurrency))
         self.engine_prefetch = max(1.0, float(engine_prefetch))
@@ -493,7 +511,18 @@ class OpenSearchAdapter(Adapter):
         return self.spec.colbert_dim
 
     def _send_bulk(self, body: bytes, what: str) -> list[str]:
-        resp = self.client.bulk(body=body, index=self.index)  # errors: translate_error
+        # Transient failures (timeouts, dropped connections, 429/502/503/504) are retried with
+        # exponential backoff: every action carries its _id, so a resent request is idempotent.
+        # What still fails is raised and translated (translate_error) once.
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_transient),
+            wait=tenacity.wait_exponential(multiplier=self.retry_backoff, max=8.0),
+            stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            before_sleep=lambda state: _log.debug("OpenSearch %s retry %d after %s", what,
+                                                  state.attempt_number, state.outcome.exception() if state.outcome else None),
+            reraise=True,
+        )
+        resp = retrying(self.client.bulk, body=body, index=self.index)
         failures: list[str] = []
         if resp.get("errors"):
             for item in resp.get("items", []):
@@ -572,6 +601,23 @@ class OpenSearchAdapter(Adapter):
             resp = self._mget(chunk, _source=False)
             out.update(d["_id"] for d in resp["docs"] if d.get("found"))
         return out
+
+    def iter_ids(self, flt: FilterNode | None, batch_size: int = 1000) -> Iterator[list[str]]:
+        """``opensearchpy.helpers.scan`` (a scroll in ``_doc`` order, so past the 10,000 result
+        window) of the compiled filter; ``_source: false``: only ``_id``, the m3connect id, moves.
+        The scroll is a snapshot taken after a refresh: deleting yielded ids skips nothing."""
+        self._fresh()
+        body = {"query": self._filtered(self._filters(flt)), "_source": False}
+        batch: list[str] = []
+        only_ids = {"filter_path": ["_scroll_id", "_shards", "hits.hits._id"]}
+        for hit in os_helpers.scan(self.client, query=body, index=self.index, size=batch_size,
+                                   scroll_kwargs=only_ids, **only_ids):
+            batch.append(hit["_id"])
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def fetch(self, ids: Sequence[str], *, fields: Collection[str] = ROUTES) -> dict[str, Record]:
         """Text and metadata by ``mget`` (plus ``dense`` and the exact sparse weights from

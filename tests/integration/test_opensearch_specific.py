@@ -216,6 +216,40 @@ def test_bulk_partial_failure_names_ids(store_factory):
     assert store.adapter.existing_ids(["ok0", "ok1", "bad1", "ok2"]) == {"ok0", "ok1", "ok2"}
 
 
+def test_transient_bulk_failures_are_retried_then_reported(store_factory, monkeypatch):
+    from opensearchpy import exceptions as os_exc
+
+    store = store_factory(retry_backoff=0.0)
+    store.add(["first"], ids=["a"], show_progress=False)
+    real_bulk = store.adapter.client.bulk
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= 2:  # a busy node, then a dropped connection
+            raise os_exc.TransportError(429, "es_rejected_execution_exception", {}) if calls["n"] == 1 \
+                else os_exc.ConnectionTimeout("TIMEOUT", "read timed out", None)
+        return real_bulk(*args, **kwargs)
+
+    monkeypatch.setattr(store.adapter.client, "bulk", flaky)
+    store.add(["second"], ids=["b"], show_progress=False)
+    assert calls["n"] == 3 and store.count() == 2
+
+    def down(*args, **kwargs):
+        calls["n"] += 1
+        raise os_exc.ConnectionError("N/A", "connection refused", None)
+
+    calls["n"] = 0
+    monkeypatch.setattr(store.adapter.client, "bulk", down)
+    with pytest.raises(IngestError) as info:
+        store.add(["third", "fourth"], ids=["c", "d"], show_progress=False)
+    assert info.value.ids == ["c", "d"] and calls["n"] == store.adapter.max_retries + 1
+    assert isinstance(info.value.__cause__, BackendUnavailableError)
+    monkeypatch.setattr(store.adapter.client, "bulk", real_bulk)
+    store.add(["third", "fourth"], ids=["c", "d"], show_progress=False)  # the re-run completes
+    assert store.count() == 4
+
+
 def test_bulk_is_split_by_real_bytes_and_sent_concurrently(store_factory, monkeypatch):
     import threading
 
