@@ -94,20 +94,25 @@ def _parse_filter(text: str | None) -> dict[str, Any] | None:
     return spec
 
 
-def _check_uri(uri: str | None) -> None:
+def _check_uri(uri: str | None) -> str:
+    """The store URI to use: a bare ``*.db`` path is a Milvus Lite file, as pymilvus takes it."""
     from .store import parse_uri
 
     if not uri:
         raise UsageError("--uri is required (or set M3_URI), e.g. --uri milvus://./m3.db")
-    if "://" not in uri and (uri.startswith((".", "/", "~")) or uri.endswith(".db")):
-        raise UsageError(
-            f"--uri {uri!r} is a path, not a store URI: say milvus://./{uri.lstrip('./')} "
-            f"or milvus:///abs/path.db (qdrant://./dir for Qdrant Edge)"
-        )
+    if "://" not in uri:
+        if uri.endswith(".db"):
+            uri = "milvus://" + str(Path(uri).expanduser().resolve())
+        else:
+            raise UsageError(
+                f"--uri {uri!r} is not a store URI: say qdrant://./{uri.lstrip('./')} (Qdrant Edge directory), "
+                "milvus://./m3.db (Milvus Lite file) or opensearch://host:9200"
+            )
     try:
         parse_uri(uri)
     except ValueError as exc:
         raise UsageError(f"--uri: {exc}") from None
+    return uri
 
 
 def _shown_uri(uri: str) -> str:
@@ -200,7 +205,7 @@ class _Reader:
                 record = self._record(row, where)
             except BadRecordError as exc:
                 if not self.skip_bad:
-                    raise
+                    raise BadRecordError(f"{exc} (--skip-bad-lines skips and counts such lines)") from None
                 self.bad += 1
                 self.first_bad = self.first_bad or str(exc)
                 continue
@@ -343,7 +348,7 @@ def _detect_format(path: Path, fmt: str) -> str:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    _check_uri(args.uri)
+    args.uri = _check_uri(args.uri)
     if args.batch_size < 1:
         raise UsageError("--batch-size must be >= 1")
     if not args.ray and (args.encoders is not None or args.writers is not None or args.ray_address is not None):
@@ -454,7 +459,7 @@ def _snippet(text: str | None, width: int) -> str:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    _check_uri(args.uri)
+    args.uri = _check_uri(args.uri)
     if args.k < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}")
     weights = _parse_weights(args.weights)
@@ -488,7 +493,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    _check_uri(args.uri)
+    args.uri = _check_uri(args.uri)
     from .store import parse_uri
 
     loc = parse_uri(args.uri)
@@ -548,7 +553,7 @@ def _open_existing(args: argparse.Namespace) -> Any:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    _check_uri(args.uri)
+    args.uri = _check_uri(args.uri)
     with _open_existing(args) as store:
         count = store.count()
         if not args.yes:
@@ -568,7 +573,7 @@ def _fmt_w(w: Sequence[float]) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from . import evaluation as ev
 
-    _check_uri(args.uri)
+    args.uri = _check_uri(args.uri)
     root = Path(args.dataset).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"no such BEIR dataset directory: {root}")
