@@ -96,11 +96,13 @@ class EncodeOutput:
 
 @dataclass
 class Document:
-    """A stored text with its id and metadata."""
+    """A stored text with its id and metadata, and (from ``M3Store.get(ids, vectors=...)``) the
+    stored vectors of the routes asked for; ``vectors`` is ``None`` when none were asked."""
 
     id: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    vectors: Vectors | None = None
 
 
 @dataclass

@@ -501,6 +501,7 @@ class OpenSearchNode:
         self.version = OPENSEARCH_VERSION
         self.knn_version = KNN_VERSION
         self.start_seconds = 0.0
+        self._spawn: tuple[list[str], dict[str, Any]] | None = None  # argv and Popen options, for relaunch()
         atexit.register(self.stop)
 
     @classmethod
@@ -589,11 +590,28 @@ class OpenSearchNode:
         kwargs: dict[str, Any] = {}
         if user is not None:
             kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-        process = subprocess.Popen([str(run_home / "bin" / "opensearch")], env=env, cwd=work,
-                                   stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                   start_new_session=True, **kwargs)
+        argv = [str(run_home / "bin" / "opensearch")]
+        options = dict(env=env, cwd=work, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+        process = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT, **options)
         console.close()
-        return cls(home, work, process, http_port, transport_port, java)
+        node = cls(home, work, process, http_port, transport_port, java)
+        node._spawn = (argv, options)
+        return node
+
+    def kill(self) -> None:
+        """SIGKILL the node as a crash would, keeping its data for :meth:`relaunch`."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def relaunch(self, timeout: float = 180.0) -> None:
+        """Start the killed node again on the same data and ports; wait until it is ready."""
+        assert self._spawn is not None and self.process.poll() is not None, "kill() the node first"
+        argv, options = self._spawn
+        with open(self.workdir / "console.log", "ab") as console:
+            self.process = subprocess.Popen(argv, stdout=console, stderr=subprocess.STDOUT, **options)
+        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         t0 = time.monotonic()

@@ -25,9 +25,10 @@ guarantees (the conformance suite checks each point on every engine):
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, ClassVar, Literal, TypeVar
 
@@ -150,7 +151,7 @@ class Record:
 #: public adapter methods that run inside the error translator
 TRANSLATED_METHODS = (
     "read_spec", "create", "open", "drop", "upsert", "delete", "count", "existing_ids", "fetch",
-    "flush", "close", "search_route", "score", "engine_search",
+    "flush", "close", "search_route", "score", "engine_search", "iter_ids",
 )
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -162,6 +163,9 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 
 
 def _translating(method: _F, operation: str) -> _F:
+    if inspect.isgeneratorfunction(method):  # e.g. iter_ids: errors come while it is iterated
+        return _translating_generator(method, operation)
+
     @functools.wraps(method)
     def wrapper(self: Adapter, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -170,6 +174,24 @@ def _translating(method: _F, operation: str) -> _F:
             raise redact_error(exc, self.secrets)
         except (AssertionError, NotImplementedError, RecursionError, MemoryError):
             raise  # our own bugs and resource exhaustion stay what they are
+        except Exception as exc:
+            raise redact_error(self.translate_error(exc, operation), self.secrets) from exc
+
+    wrapper._m3_translated = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def _translating_generator(method: _F, operation: str) -> _F:
+    """:func:`_translating` for a generator method: the translator covers every step of the iteration."""
+
+    @functools.wraps(method)
+    def wrapper(self: Adapter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            yield from method(self, *args, **kwargs)
+        except M3Error as exc:
+            raise redact_error(exc, self.secrets)
+        except (AssertionError, NotImplementedError, RecursionError, MemoryError):
+            raise
         except Exception as exc:
             raise redact_error(self.translate_error(exc, operation), self.secrets) from exc
 
@@ -275,6 +297,15 @@ class Adapter(ABC):
 
         Missing ids are absent from the result. ``fields=()`` moves no vectors.
         """
+
+    def iter_ids(self, flt: FilterNode | None, batch_size: int = 1000) -> Iterator[list[str]]:
+        """Every stored id, or those whose metadata matches ``flt`` (applied in the engine),
+        in lists of at most ``batch_size``, with no cap on the total (an engine cursor, not a
+        search window). The order is the engine's. Deleting the ids of a batch already
+        yielded does not make the iteration skip others.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list ids")
+        yield  # pragma: no cover - makes this a generator, as the overrides are
 
     def flush(self) -> None:
         """Make recent writes durable and searchable (engines that need it override)."""

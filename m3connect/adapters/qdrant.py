@@ -14,7 +14,7 @@ prefetch per route, then ``FormulaQuery`` or RRF) all run in the engine.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -180,6 +180,21 @@ class QdrantAdapter(Adapter):
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         points = self.client.retrieve(self.collection, ids=[point_id(i) for i in ids], with_payload=["doc_id"], with_vectors=False)
         return {p.payload["doc_id"] for p in points if p.payload}
+
+    def iter_ids(self, flt: FilterNode | None, batch_size: int = 1000) -> Iterator[list[str]]:
+        """``scroll`` with the compiled filter, paged by ``next_page_offset`` (a point-id cursor),
+        reading only the ``doc_id`` payload key."""
+        qfilter, offset = compile_filter(flt), None
+        while True:
+            points, offset = self.client.scroll(
+                self.collection, scroll_filter=qfilter, limit=batch_size, offset=offset,
+                with_payload=["doc_id"], with_vectors=False,
+            )
+            ids = [(p.payload or {})["doc_id"] for p in points]
+            if ids:
+                yield ids
+            if offset is None:
+                return
 
     def fetch(self, ids: Sequence[str], *, fields: Collection[str] = ROUTES) -> dict[str, Record]:
         names = [r for r in ROUTES if r in fields]

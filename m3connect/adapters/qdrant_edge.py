@@ -25,7 +25,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -356,6 +356,20 @@ class QdrantEdgeAdapter(Adapter):
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         return set(self._present(ids).values())
+
+    def iter_ids(self, flt: FilterNode | None, batch_size: int = 1000) -> Iterator[list[str]]:
+        """``EdgeShard.scroll`` (a ``ScrollRequest`` with the compiled filter), paged by the
+        next offset it returns (a point-id cursor), reading only the ``doc_id`` payload key."""
+        qfilter, offset = compile_filter(flt), None
+        while True:
+            points, offset = self.shard.scroll(qe.ScrollRequest(
+                offset=offset, limit=batch_size, filter=qfilter, with_payload=["doc_id"], with_vector=False,
+            ))
+            ids = [(p.payload or {})["doc_id"] for p in points]
+            if ids:
+                yield ids
+            if offset is None:
+                return
 
     def fetch(self, ids: Sequence[str], *, fields: Collection[str] = ROUTES) -> dict[str, Record]:
         names = [r for r in ROUTES if r in fields]

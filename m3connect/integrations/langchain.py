@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import BackendError, InvalidInputError, MissingDependencyError
+from ..errors import InvalidInputError, MissingDependencyError
 from ..store import M3Store, connect
 from ..types import Vectors
 
@@ -72,7 +72,7 @@ RETRIEVAL_MODES: dict[str, tuple[float, float, float]] = {
     "all": DEFAULT_WEIGHTS,
 }
 _SEARCH_KEYS = ("weights", "filter", "fusion", "candidate_depth")
-_DELETE_BATCH = 1000  # ids found and deleted per round of delete(ids=None)
+_DELETE_BATCH = 1000  # ids listed and deleted per round of delete(ids=None) (M3Store.clear)
 
 
 def resolve_weights(weights: Any) -> Any:
@@ -298,22 +298,8 @@ class M3VectorStore(VectorStore):
         return True
 
     def _delete_all(self) -> None:
-        store = self.store
-        if not _exists(store):
-            return
-        probe = Vectors(dense=np.zeros(store.spec.dense_dim, np.float32))
-        deleted: set[str] = set()
-        while store.count() > 0:
-            hits = store.search_by_vectors(
-                probe, k=_DELETE_BATCH, weights=(1.0, 0.0, 0.0), candidate_depth=_DELETE_BATCH
-            )
-            ids = [h.id for h in hits]
-            if not ids:
-                break
-            if deleted.issuperset(ids):
-                raise BackendError(f"{store.engine}: deleted documents are still found ({ids[:3]}...)")
-            store.delete(ids)
-            deleted.update(ids)
+        # the engine's id cursor, no search window; a collection not created yet holds nothing
+        self.store.clear(batch_size=_DELETE_BATCH)
 
     async def adelete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         return await run_in_executor(None, self.delete, ids, **kwargs)
@@ -400,9 +386,9 @@ class M3VectorStore(VectorStore):
             return []
         if query_dense is None:
             raise InvalidInputError("maximal marginal relevance needs a dense query vector")
-        records = self.store.adapter.fetch([h.id for h in hits], fields=("dense",))
-        hits = [h for h in hits if h.id in records and records[h.id].dense is not None]
-        vectors = [np.asarray(records[h.id].dense, np.float32) for h in hits]
+        stored = {d.id: d.vectors.dense for d in self.store.get([h.id for h in hits], vectors=("dense",)) if d.vectors}
+        hits = [h for h in hits if stored.get(h.id) is not None]
+        vectors = [np.asarray(stored[h.id], np.float32) for h in hits]
         chosen = maximal_marginal_relevance(np.asarray(query_dense, np.float32), vectors, lambda_mult, k)
         return [_to_document(hits[i]) for i in chosen]
 

@@ -76,7 +76,7 @@ __all__ = [
 ]
 
 DEFAULT_HYBRID_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
-_SCAN_BATCH = 1000  # ids fetched per filtered lookup (Milvus caps a search at 16384)
+_SCAN_BATCH = 1000  # ids per round trip of M3Store.ids / M3Store.clear (an engine cursor, no cap)
 
 _RANGE = {
     FilterOperator.GT: "$gt",
@@ -213,17 +213,9 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
     async def async_add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
         return await asyncio.get_running_loop().run_in_executor(None, lambda: self.add(nodes, **kwargs))
 
-    def _ids_matching(self, flt: Mapping[str, Any] | None, limit: int) -> list[str]:
-        """Up to ``limit`` ids whose metadata matches ``flt`` (a filtered dense scan)."""
-        dim = self._store.spec.dense_dim
-        hits = self._store.search_by_vectors(
-            Vectors(dense=np.zeros(dim, np.float32)),
-            k=limit,
-            weights=(1.0, 0.0, 0.0),
-            filter=flt,
-            candidate_depth=limit,
-        )
-        return [h.id for h in hits]
+    def _ids_matching(self, flt: Mapping[str, Any] | None) -> list[str]:
+        """Every id whose metadata matches ``flt`` (filtered in the engine, listed by its cursor)."""
+        return list(self._store.ids(flt, batch_size=_SCAN_BATCH))
 
     def _exists(self) -> bool:
         """Whether the collection exists (``connect`` creates it on the first write): reads of
@@ -231,13 +223,7 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
         return bool(getattr(self._store, "exists", True))
 
     def _delete_matching(self, flt: Mapping[str, Any] | None) -> None:
-        if not self._exists():
-            return
-        while self._store.count() > 0:
-            ids = self._ids_matching(flt, _SCAN_BATCH)
-            if not ids:
-                break
-            self._store.delete(ids)
+        self._store.clear(flt, batch_size=_SCAN_BATCH)  # a collection not created yet: nothing to do
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Delete every node of the source document ``ref_doc_id``."""
@@ -277,7 +263,7 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
             return [
                 _node_from_hit(_doc_hit(d)) for d in docs if matches(node, d.metadata)  # type: ignore[arg-type]
             ]
-        ids = self._ids_matching(flt, max(1, self._store.count()))
+        ids = self._ids_matching(flt)
         return [_node_from_hit(_doc_hit(d)) for d in self._store.get(ids)]
 
     # -- querying ---------------------------------------------------------------------------
