@@ -28,6 +28,12 @@ def encoder(tiny_checkpoint: Path):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The layer a test lives in is its marker: `pytest -m "not e2e"` is the fast loop,
+    # `pytest tests/unit` the pure one (seconds).
+    for item in items:
+        layer = Path(str(item.fspath)).parent.name
+        if layer in ("unit", "integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, layer))
     if os.environ.get("M3_SKIP_OPENSEARCH") == "1":
         skip = pytest.mark.skip(reason="M3_SKIP_OPENSEARCH=1")
         for item in items:
