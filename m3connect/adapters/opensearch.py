@@ -575,6 +575,13 @@ class OpenSearchAdapter(Adapter):
     def delete(self, ids: Sequence[str]) -> None:
         self._bulk((_dumps({"delete": {"_id": i}}) + b"\n" for i in ids), "delete")
 
+    def open(self, spec: CollectionSpec) -> None:
+        # A writer killed before its final refresh leaves documents whose realtime _source is new
+        # and whose doc values (ColBERT, searches) are not yet visible: refresh once on open, so
+        # no reader ever joins a new text with an old ColBERT matrix.
+        self.client.indices.refresh(index=self.index)
+        self.spec = spec
+
     def flush(self) -> None:
         self.client.indices.refresh(index=self.index)
         self._dirty = False

@@ -63,6 +63,7 @@ _NAMESPACE = uuid.UUID("6f1c3a52-6b1e-4f0e-9a39-3a0c5e1f7d21")
 SPEC_FILE = "m3connect.json"
 SHARD_DIR = "shard"
 LOCK_FILE = ".lock"
+CREATING_FILE = ".m3connect-creating"  # present from the start of create() until its spec is written
 RRF_K = 60
 
 
@@ -185,7 +186,7 @@ def _release(directory: Path, *, force: bool = False) -> None:
 # -- adapter ---------------------------------------------------------------------------------
 
 
-def _edge_config(spec: CollectionSpec) -> Any:
+def _edge_config(spec: CollectionSpec, wal: bool = True) -> Any:
     colbert_type = qe.VectorStorageDatatype.Float16 if spec.colbert_dtype == "float16" else qe.VectorStorageDatatype.Float32
     return qe.EdgeConfig(
         vectors={
@@ -200,7 +201,10 @@ def _edge_config(spec: CollectionSpec) -> Any:
             ),
         },
         sparse_vectors={"sparse": qe.EdgeSparseVectorParams()},  # no IDF modifier
-        wal_enabled=False,  # every write batch is flushed instead
+        # The write-ahead log makes a write atomic across a crash: without it a process killed
+        # while Edge flushes can leave a batch torn (old payload, new dense, either ColBERT).
+        # It costs write rate (BGE-M3 sizes, fp16: ~260 docs/s with it, ~800 without).
+        wal_enabled=wal,
     )
 
 
@@ -221,11 +225,13 @@ class QdrantEdgeAdapter(Adapter):
         """Multivectors are float32 or float16 here (token pooling works with both)."""
         require_dtype("Qdrant Edge", spec, ("float32", "float16"))
 
-    def __init__(self, location: Any, collection: str, **options: Any) -> None:
+    def __init__(self, location: Any, collection: str, *, wal: bool = True, **options: Any) -> None:
+        """``wal=False`` trades crash atomicity for ~3x write rate (bulk loads you can redo)."""
         super().__init__(collection)
+        self.wal = bool(wal)
         if options:
             raise InvalidInputError(
-                f"Qdrant Edge (qdrant:///dir) takes no options, got {sorted(options)}; "
+                f"Qdrant Edge (qdrant:///dir) takes only the option wal=, got {sorted(options)}; "
                 "options such as api_key or timeout are for a Qdrant server (qdrant://host:6333)"
             )
         path = location.path
@@ -247,6 +253,9 @@ class QdrantEdgeAdapter(Adapter):
     # -- schema -----------------------------------------------------------------------------
 
     def read_spec(self) -> CollectionSpec | None:
+        if (self.dir / CREATING_FILE).exists():
+            self._remove_crashed_creation()
+            return None
         if self.spec_path.exists():
             try:
                 return CollectionSpec.from_json(self.spec_path.read_text("utf-8"))
@@ -258,6 +267,16 @@ class QdrantEdgeAdapter(Adapter):
             )
         return None
 
+    def _remove_crashed_creation(self) -> None:
+        """A creation that died before its spec was written: remove what it left (under the lock)."""
+        lock = _lock(self.dir)  # refuses while another process is creating it right now
+        try:
+            for child in self.dir.iterdir():
+                if child.name != LOCK_FILE:
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        finally:
+            lock.close()
+
     def create(self, spec: CollectionSpec) -> None:
         self.check_colbert_storage(spec)
         try:
@@ -266,13 +285,17 @@ class QdrantEdgeAdapter(Adapter):
             raise BackendError(f"cannot create Qdrant Edge collection directory {self.dir}: {exc}") from exc
 
         def make() -> Any:
+            # Ordered so that a crash at any point is repaired by the next read_spec: the marker
+            # first, then the shard, then the spec file, and the marker goes last.
+            (self.dir / CREATING_FILE).touch()
             try:
-                return qe.EdgeShard.create(str(self.shard_path), _edge_config(spec))
+                return qe.EdgeShard.create(str(self.shard_path), _edge_config(spec, self.wal))
             except Exception as exc:
                 raise BackendError(f"cannot create Qdrant Edge shard at {self.shard_path}: {exc}") from exc
 
         self._shard = _acquire(self.dir, make)
         self._write_spec(spec)  # after the shard: a spec file always has its shard
+        (self.dir / CREATING_FILE).unlink(missing_ok=True)
         self.spec = spec
 
     def _write_spec(self, spec: CollectionSpec) -> None:
@@ -293,7 +316,7 @@ class QdrantEdgeAdapter(Adapter):
             def make() -> Any:
                 try:
                     # the config makes Edge check the stored vectors against the spec
-                    return qe.EdgeShard.load(str(self.shard_path), _edge_config(spec))
+                    return qe.EdgeShard.load(str(self.shard_path), _edge_config(spec, self.wal))
                 except Exception as exc:
                     if "incompatible" in str(exc).lower():
                         raise SchemaMismatchError(
@@ -337,7 +360,8 @@ class QdrantEdgeAdapter(Adapter):
             payload = {"doc_id": r.id, "text": r.text, "metadata": r.metadata}
             points.append(qe.Point(point_id(r.id), vector, payload))
         self.shard.update(qe.UpdateOperation.upsert_points(points))  # errors: translate_error
-        self.shard.flush()
+        if not self.wal:
+            self.shard.flush()  # without the log, a flushed batch is the unit that survives a crash
 
     def delete(self, ids: Sequence[str]) -> None:
         if ids:

@@ -235,6 +235,6 @@ def test_older_layout_is_refused_with_a_reason(fresh, fresh_uri, encoder) -> Non
     fresh.add(["x"], ids=["x"])  # the collection is created by the first write
     adapter = fresh.adapter
     spec = json.loads(adapter.spec.to_json())  # no "layout": what the token-row version wrote
-    adapter.client.upsert("m3connect_meta", [{"name": adapter.collection, "spec": json.dumps(spec), "unused": [0.0, 0.0]}])
+    adapter._write_meta(spec)
     with pytest.raises(m3connect.SchemaMismatchError, match="re-ingest"):
         m3connect.connect(fresh_uri[0], collection=fresh_uri[1], encoder=encoder)
