@@ -337,24 +337,11 @@ class Bench:
 
         print(f"[{engine}] storage", flush=True)
         self.storage_rows.append(self.measure_size(engine, "float32", store, dir32, before))
-        if engine == "milvus":
-            uri16, _ = self.uri(engine, "fp16")  # a fresh file: a second client on a busy one can time out
-            try:
-                connect(uri16, collection="bench_fp16", encoder=self.enc, colbert_dtype="float16").close()
-                note = "Lite accepted float16 (unexpected)"
-            except Exception as exc:
-                why = "Float16Vector" in str(exc) or "float32" in str(exc)
-                note = ("n/a (Lite stores float32 only)" if why else "n/a") + f": {type(exc).__name__}"
-                if not why:
-                    note += f" {str(exc)[:160]}"
-            self.storage_rows.append({"engine": engine, "colbert_dtype": "float16", "bytes_per_doc": None,
-                                      "note": note, **self.theory(2)})
-        else:
-            uri16, dir16 = self.uri(engine, "fp16")
-            s16 = connect(uri16, collection="bench_fp16", encoder=self.enc, colbert_dtype="float16")
-            b16 = dir_bytes(dir16) if dir16 else 0
-            self.write_path(s16)
-            self.storage_rows.append(self.measure_size(engine, "float16", s16, dir16, b16))
+        uri16, dir16 = self.uri(engine, "fp16")
+        s16 = connect(uri16, collection="bench_fp16", encoder=self.enc, colbert_dtype="float16")
+        b16 = dir_bytes(dir16) if dir16 else 0
+        self.write_path(s16)
+        self.storage_rows.append(self.measure_size(engine, "float16", s16, dir16, b16))
         if engine == "opensearch":
             for idx in ("bench_ingest", "bench_fp32", "bench_fp16", "bench_raw"):
                 misc.adapter.client.indices.delete(index=idx, ignore_unavailable=True)
@@ -385,7 +372,7 @@ class Bench:
             if engine == "qdrant":
                 how += "; qdrant-client local mode pickles vectors into SQLite and ignores the float16 datatype"
             if engine == "milvus":
-                how += "; Milvus Lite keeps one row per ColBERT token (+ key/doc_id/pos)"
+                how += "; Milvus Lite keeps each document's ColBERT as packed byte chunks in a companion collection"
         return {"engine": engine, "colbert_dtype": dtype, "bytes_per_doc": size / self.n,
                 "total_bytes": size, "how": how, **self.theory(itemsize)}
 

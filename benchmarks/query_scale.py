@@ -851,7 +851,7 @@ class Run:
                                                                dense_dim=s.dense_dim, colbert_dim=s.colbert_dim,
                                                                colbert_dtype=dtype), **kw)
         row["colbert_dtype"] = store.spec.colbert_dtype
-        if store.count():
+        if store.exists and store.count():
             raise RuntimeError(f"{uri} collection {name} is not empty")
         return store, path
 

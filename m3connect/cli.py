@@ -172,6 +172,8 @@ def _connect(args: argparse.Namespace, encoder: Any) -> Any:
             options[name] = getattr(args, name)
     if getattr(args, "colbert_dtype", None):
         options["colbert_dtype"] = args.colbert_dtype
+    if getattr(args, "colbert_pool_factor", None):
+        options["colbert_pool_factor"] = args.colbert_pool_factor
     if getattr(args, "candidate_depth", None):
         options["candidate_depth"] = args.candidate_depth
     return connect(args.uri, args.collection, encoder, **options)
@@ -415,6 +417,8 @@ def _ingest_on_ray(args: argparse.Namespace, path: Path, fmt: str) -> int:
     for name in ("encoders", "writers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
+    if args.colbert_pool_factor not in (None, 1):
+        raise UsageError("--colbert-pool-factor is not supported with --ray yet; ingest without --ray")
     from .errors import IngestError
     from .remote import is_remote_model
 
@@ -430,7 +434,7 @@ def _ingest_on_ray(args: argparse.Namespace, path: Path, fmt: str) -> int:
             path, uri=args.uri, collection=args.collection, model=args.model,
             encoder_options={"device": args.device, "dtype": args.dtype, "max_length": args.max_length},
             encoders=args.encoders, writers=args.writers, batch_size=args.batch_size, skip_existing=args.resume,
-            colbert_dtype=args.colbert_dtype, fmt=fmt, text_field=args.text_field, id_field=args.id_field,
+            colbert_dtype=args.colbert_dtype or "float32", fmt=fmt, text_field=args.text_field, id_field=args.id_field,
             metadata_fields=_fields(args.metadata_fields), skip_bad=args.skip_bad_lines, delimiter=args.delimiter,
             ray_address=args.ray_address, progress_interval=10.0 if _progress(args) else None, log=say,
         )
@@ -808,7 +812,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated fields stored as metadata (default: all other fields)")
     p.add_argument("--delimiter", default=None, help="CSV delimiter (default: ',' or tab for .tsv)")
     p.add_argument("--batch-size", type=int, default=256, help="documents per encode/write step (default: 256)")
-    p.add_argument("--colbert-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--colbert-dtype", default=None, choices=["float32", "float16", "int8", "binary"],
+                   help="ColBERT storage of a new collection (default float32; an existing one keeps its own)")
+    p.add_argument("--colbert-pool-factor", type=int, default=None,
+                   help="token pooling at ingestion: keep 1/N of each document's ColBERT vectors (default 1)")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="skip ids already stored (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-encode and overwrite stored ids")
@@ -860,7 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queries", type=int, default=None, help="score only the first N queries")
     p.add_argument("--candidate-depth", type=int, default=100, help="candidates per route (default: 100)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--colbert-dtype", default="float32", choices=["float32", "float16"])
+    p.add_argument("--colbert-dtype", default=None, choices=["float32", "float16", "int8", "binary"],
+                   help="ColBERT storage of a new collection (default float32; an existing one keeps its own)")
+    p.add_argument("--colbert-pool-factor", type=int, default=None,
+                   help="token pooling at ingestion: keep 1/N of each document's ColBERT vectors (default 1)")
     p.add_argument("--tune", action="store_true", help="grid-search the fusion weights")
     p.add_argument("--tune-split", default=None,
                    help="qrels split to tune on (e.g. dev); default: a random half of the test queries")

@@ -132,7 +132,7 @@ def pool_tokens(matrix: Any, factor: int) -> np.ndarray:
             from scipy.cluster.hierarchy import linkage
         except ImportError as exc:  # pragma: no cover - scipy ships with the test environment
             raise MissingDependencyError(
-                "colbert_pool_factor > 1 needs scipy (Ward linkage): pip install scipy"
+                "colbert_pool_factor > 1 needs scipy (Ward linkage): pip install 'm3connect[pooling]'"
             ) from exc
         merges = linkage(x, method="ward", metric="euclidean")
         # Replay the first n - clusters merges: exactly `clusters` groups remain.

@@ -1009,7 +1009,6 @@ def connect(
             raise CollectionNotFoundError(
                 f"{engine} collection {collection!r} does not exist: there is nothing at {location.path}"
             )
-        _check_storage_support(location, spec)
         return M3Store(
             lambda: _load_adapter(location, collection, options), encoder, candidate_depth=candidate_depth,
             max_length=max_length, pending_spec=spec, engine=engine, collection=collection,
@@ -1024,7 +1023,6 @@ def connect(
                     f"{engine} collection {collection!r} does not exist at {safe_uri(uri)}; "
                     "pass an encoder (or spec=) and add documents to create it"
                 )
-            _check_storage_support(location, spec)
             return M3Store(adapter, encoder, candidate_depth=candidate_depth, max_length=max_length,
                            pending_spec=spec, lock=_lock_for(location))
         if spec is not None:
@@ -1046,13 +1044,6 @@ def _non_default_storage(spec: CollectionSpec) -> set[str]:
     """The ColBERT storage fields of ``spec`` that differ from the defaults (float32, no pooling)."""
     defaults = {f.name: f.default for f in dataclasses.fields(CollectionSpec)}
     return {name for name in _STORAGE_FIELDS if getattr(spec, name) != defaults[name]}
-
-
-def _check_storage_support(location: ParsedURI, spec: CollectionSpec) -> None:
-    """Refuse, before anything is created, a ``colbert_dtype`` the engine cannot score exactly."""
-    check = getattr(_adapter_class(location), "check_colbert_storage", None)
-    if check is not None:
-        check(spec)
 
 
 def _check_storage(collection: str, existing: CollectionSpec, wanted: Mapping[str, Any], asked: Iterable[str]) -> None:

@@ -88,8 +88,8 @@ class QdrantAdapter(Adapter):
     max_batch_bytes = 24 * 1024 * 1024  # a server's default request limit is 32 MB
     supports_engine_fusion = True
 
-    @staticmethod
-    def check_colbert_storage(spec: CollectionSpec) -> None:
+    @classmethod
+    def check_spec(cls, location: Any, spec: CollectionSpec) -> None:
         """Multivectors are float32 or float16 here (token pooling works with both)."""
         require_dtype("Qdrant", spec, ("float32", "float16"))
 
@@ -130,7 +130,7 @@ class QdrantAdapter(Adapter):
         return CollectionSpec.from_json(meta)
 
     def create(self, spec: CollectionSpec) -> None:
-        self.check_colbert_storage(spec)
+        self.check_spec(None, spec)
         colbert_type = models.Datatype.FLOAT16 if spec.colbert_dtype == "float16" else models.Datatype.FLOAT32
         self.client.create_collection(
             self.collection,
@@ -154,6 +154,13 @@ class QdrantAdapter(Adapter):
 
     # -- data -------------------------------------------------------------------------------
 
+    def _stored_colbert(self, colbert: np.ndarray) -> np.ndarray:
+        """float16 collections round ColBERT to float16 here: qdrant-client's local mode ignores the
+        datatype and would keep float32, so scores would differ from a Qdrant server's."""
+        if self._local and self.spec is not None and self.spec.colbert_dtype == "float16":
+            return np.asarray(colbert, np.float16).astype(np.float32)
+        return np.asarray(colbert, np.float32)
+
     def upsert(self, records: Sequence[Record]) -> None:
         points = []
         for r in records:
@@ -164,7 +171,7 @@ class QdrantAdapter(Adapter):
                     vector={
                         "dense": r.dense.tolist(),
                         "sparse": models.SparseVector(indices=list(r.sparse), values=list(r.sparse.values())),
-                        "colbert": r.colbert.tolist(),
+                        "colbert": self._stored_colbert(r.colbert).tolist(),
                     },
                     payload={"doc_id": r.id, "text": r.text, "metadata": r.metadata},
                 )

@@ -220,8 +220,8 @@ class QdrantEdgeAdapter(Adapter):
     max_batch_bytes = 32 * 1024 * 1024  # no RPC limit; bounds the Python-side copies
     supports_engine_fusion = True
 
-    @staticmethod
-    def check_colbert_storage(spec: CollectionSpec) -> None:
+    @classmethod
+    def check_spec(cls, location: Any, spec: CollectionSpec) -> None:
         """Multivectors are float32 or float16 here (token pooling works with both)."""
         require_dtype("Qdrant Edge", spec, ("float32", "float16"))
 
@@ -278,7 +278,7 @@ class QdrantEdgeAdapter(Adapter):
             lock.close()
 
     def create(self, spec: CollectionSpec) -> None:
-        self.check_colbert_storage(spec)
+        self.check_spec(None, spec)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

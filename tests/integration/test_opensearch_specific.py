@@ -100,6 +100,7 @@ def _spec(name: str, dtype: str = "float32") -> CollectionSpec:
 
 def test_mapping_and_meta_marker(opensearch_url, store_factory, encoder):  # noqa: F811
     store = store_factory(name=f"MixedCase_{uuid.uuid4().hex[:6]}")
+    store.add(["the index is created by the first write"], show_progress=False)
     index = store.adapter.index
     assert index == store.adapter.collection.lower()
     client = _raw_client(opensearch_url)
