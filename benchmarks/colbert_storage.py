@@ -58,6 +58,7 @@ for p in (str(REPO), str(REPO / "benchmarks"), str(REPO / "scripts")):
 
 import m3connect  # noqa: E402
 from m3connect import CollectionSpec, colbert_storage  # noqa: E402
+
 from machine import cpu_model, memory_gib  # noqa: E402  (benchmarks/machine.py)
 from query_scale import QUICK_SHAPE, Corpus, Shape, dir_bytes  # noqa: E402  (the synthetic corpus)
 

@@ -47,8 +47,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # FlagEmbedding's progress bars would flood the log
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -70,8 +70,9 @@ import sys
 import tempfile
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # FlagEmbedding's progress bars would flood the log
 

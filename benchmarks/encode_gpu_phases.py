@@ -117,7 +117,7 @@ def main() -> None:
                 "dense+sparse": {"return_colbert": False},
                 "dense": {"return_colbert": False, "return_sparse": False},
             }.items():
-                sec = _best(lambda f=flags: enc.encode(texts, max_length=args.length, **f), device, args.reps)
+                sec = _best(lambda f=flags, e=enc: e.encode(texts, max_length=args.length, **f), device, args.reps)
                 row[f"encode_{name}_s"] = sec
                 row[f"encode_{name}_tokens_per_s"] = n_tok / sec
                 if device.type == "cuda":

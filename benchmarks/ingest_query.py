@@ -60,7 +60,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from m3connect.adapters.base import Record  # noqa: E402
 from m3connect.store import M3Store, connect  # noqa: E402
 from m3connect.testing import make_tiny_checkpoint, synthetic_corpus  # noqa: E402
-from machine import cpu_model, memory_gib  # noqa: E402  (benchmarks/machine.py)
+
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 WEIGHTS = (0.4, 0.2, 0.4)
 FUSIONS = ("exact", "engine", "rrf")
@@ -92,7 +93,7 @@ def machine_info() -> dict[str, Any]:
 
     cpu = cpu_model()
     versions: dict[str, str] = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod, dist in (("pymilvus", "pymilvus"), ("milvus_lite", "milvus-lite"),
+    for _mod, dist in (("pymilvus", "pymilvus"), ("milvus_lite", "milvus-lite"),
                       ("qdrant_client", "qdrant-client"), ("opensearchpy", "opensearch-py")):
         try:
             from importlib.metadata import version

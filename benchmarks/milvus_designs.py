@@ -441,7 +441,7 @@ def raw_variants(corpus: Corpus, root: Path, n: int) -> list[dict[str, Any]]:
             for row in client.query("c", filter=f"key in {_id_list(part)}", output_fields=[field_name]):
                 got[row["key"]] = row[field_name]
         mats = []
-        for rid, ks in keys_by_doc.items():
+        for _rid, ks in keys_by_doc.items():
             if variant == "token rows":
                 mats.append(np.asarray([got[k] for k in ks], np.float32))
             else:

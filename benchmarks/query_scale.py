@@ -73,6 +73,7 @@ if str(REPO) not in sys.path:
 
 import m3connect  # noqa: E402
 from m3connect import CollectionSpec, Vectors  # noqa: E402
+
 from machine import cpu_model, memory_gib  # noqa: E402  (benchmarks/machine.py)
 
 WEIGHT_SETS: dict[str, tuple[float, float, float]] = {"dense": (1.0, 0.0, 0.0), "m3": (0.4, 0.2, 0.4)}

@@ -50,7 +50,8 @@ def main() -> None:
                 print(f"  {doc.metadata['m3_score']:.4f}  {doc.id}  ({routes})")
 
             dense_only = vs.as_retriever(search_kwargs={"k": 3, "weights": (1, 0, 0)})
-            print("\nas_retriever(weights=(1, 0, 0)) -> " + ", ".join(d.id or "" for d in dense_only.invoke(args.query)))
+            found = ", ".join(d.id or "" for d in dense_only.invoke(args.query))
+            print("\nas_retriever(weights=(1, 0, 0)) -> " + found)
         finally:
             store.drop()
             store.close()

@@ -56,7 +56,9 @@ def main() -> None:
     parser.add_argument("--uri", default=f"qdrant://{Path.cwd().resolve() / 'm3connect_demo'}",
                         help="store URI (default: Qdrant Edge directory ./m3connect_demo)")
     parser.add_argument("--collection", default="quickstart")
-    parser.add_argument("--model", default=None, help="hub id or local directory (default: $M3_MODEL or a tiny demo model)")
+    parser.add_argument(
+        "--model", default=None, help="hub id or local directory (default: $M3_MODEL or a tiny demo model)"
+    )
     parser.add_argument("--device", default=None, help="cpu / cuda (default: CUDA when present)")
     args = parser.parse_args()
 

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from . import fusion, scoring
 from .adapters.base import CollectionSpec
+from .defaults import DEFAULT_MODEL
 from .errors import (
     BackendError,
     BackendUnavailableError,
+    CollectionNotFoundError,
     EncoderUnavailableError,
     FilterError,
     IngestError,
@@ -26,7 +28,6 @@ from .errors import (
     MissingDependencyError,
     ModelLoadError,
     SchemaMismatchError,
-    CollectionNotFoundError,
 )
 from .protocols import Encoder
 from .scoring import Weights
@@ -34,10 +35,10 @@ from .store import M3Store, connect
 from .types import Document, EncodeOutput, Hit, Vectors
 
 if TYPE_CHECKING:
-    from .encoder import DEFAULT_MODEL, M3Encoder
+    from .encoder import M3Encoder
     from .remote import RemoteEncoder
 
-_LAZY = {"M3Encoder", "DEFAULT_MODEL"}  # torch loads only when a local model is asked for
+_LAZY = {"M3Encoder"}  # torch loads only when a local model is asked for
 
 
 def __getattr__(name: str) -> Any:

@@ -180,7 +180,8 @@ def decode_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 def binary_value(dim: int) -> np.float32:
     """``c = float32(1 / sqrt(dim))``, the magnitude of every stored binary value."""
-    return np.float32(1.0 / math.sqrt(dim))
+    c: np.float32 = np.float32(1.0 / math.sqrt(dim))
+    return c
 
 
 def encode_binary(matrix: Any) -> np.ndarray:
@@ -193,7 +194,8 @@ def decode_binary(packed: np.ndarray, dim: int) -> np.ndarray:
     p = np.asarray(packed, np.uint8).reshape(-1, (dim + 7) // 8)
     bits = np.unpackbits(p, axis=1, count=dim, bitorder="little").astype(bool)
     c = binary_value(dim)
-    return np.where(bits, c, -c).astype(np.float32)
+    out: np.ndarray = np.where(bits, c, -c).astype(np.float32)
+    return out
 
 
 # -- bytes --------------------------------------------------------------------------------------
@@ -230,7 +232,8 @@ def from_bytes(raw: bytes | bytearray | memoryview, dim: int, dtype: str, n_toke
             f"({dtype}, dim {dim}); re-ingest the document"
         )
     if dtype in ("float32", "float16"):
-        return buf.view(np.dtype(dtype).newbyteorder("<")).astype(np.float32).reshape(n, dim)
+        floats: np.ndarray = buf.view(np.dtype(dtype).newbyteorder("<")).astype(np.float32)
+        return floats.reshape(n, dim)
     rows = buf.reshape(n, size)
     if dtype == "int8":
         scales = np.ascontiguousarray(rows[:, :4]).view("<f4").reshape(n)

@@ -400,9 +400,11 @@ def to_flag_output(
             raise M3Error("the encoder output has no ColBERT vectors")
         colbert = [np.asarray(c, dtype=np.float32) for c in out.colbert]
     if single:
-        dense = None if dense is None else dense[0]
-        lexical = None if lexical is None else lexical[0]
-        colbert = None if colbert is None else colbert[0]
+        return {
+            "dense_vecs": None if dense is None else dense[0],
+            "lexical_weights": None if lexical is None else lexical[0],
+            "colbert_vecs": None if colbert is None else colbert[0],
+        }
     return {"dense_vecs": dense, "lexical_weights": lexical, "colbert_vecs": colbert}
 
 
@@ -482,7 +484,7 @@ class FlagStyleM3(_EncoderFront):
         prefix: bool = False,
     ) -> dict[str, Any]:
         single = isinstance(sentences, str)
-        texts = [sentences] if single else _check_texts(sentences, "sentences")
+        texts = [sentences] if isinstance(sentences, str) else _check_texts(sentences, "sentences")
         if prefix and self.query_instruction_for_retrieval:
             texts = [self.query_instruction_format.format(self.query_instruction_for_retrieval, t) for t in texts]
         defaults = (self.return_dense, self.return_sparse, self.return_colbert_vecs)

@@ -311,7 +311,8 @@ class _StoreOwner:
         self.read_spec()
         if self.store is None:
             self.store = _store_on(self.adapter, spec)
-        return self.store.spec
+        created: CollectionSpec = self.store.spec
+        return created
 
     def existing(self, ids: list[str]) -> list[str]:
         return sorted(self.store.adapter.existing_ids(ids))

@@ -17,13 +17,14 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import scoring
+from .defaults import DEFAULT_MODEL
 from .errors import InvalidInputError, InvalidTypeError, ModelLoadError
 from .lexical import lexical_weights
 from .types import EncodeOutput, Vectors
@@ -32,7 +33,6 @@ __all__ = ["M3Encoder", "DEFAULT_MODEL", "cpu_has_native_bf16", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "BAAI/bge-m3"
 SPARSE_HEAD_FILE = "sparse_linear.pt"
 COLBERT_HEAD_FILE = "colbert_linear.pt"
 DTypeName = Literal["auto", "float32", "float16", "bfloat16", "int8"]
@@ -133,7 +133,9 @@ class _FusedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, self._attr, [], self._algorithm)
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
+            flat, self.weight, self.bias, self._attr, [], self._algorithm
+        )
         return y.view(*x.shape[:-1], self.out_features)
 
 
@@ -146,16 +148,18 @@ class _FusedResidualOutput(torch.nn.Module):
 
     def __init__(self, block: torch.nn.Module) -> None:
         super().__init__()
-        self.weight, self.bias = block.dense.weight, block.dense.bias
-        self.LayerNorm = block.LayerNorm
+        dense = cast(torch.nn.Linear, block.dense)
+        self.weight, self.bias = dense.weight, dense.bias
+        self.LayerNorm = cast(torch.nn.LayerNorm, block.LayerNorm)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         width = hidden_states.shape[-1]
         residual = input_tensor.reshape(-1, input_tensor.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise.binary(
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(
             hidden_states.reshape(-1, width), residual.contiguous(), self.weight, self.bias, "add"
         )
-        return self.LayerNorm(y.view(input_tensor.shape))
+        out: torch.Tensor = self.LayerNorm(y.view(input_tensor.shape))
+        return out
 
 
 def _onednn_fusion_works(dtype: torch.dtype) -> bool:
@@ -206,6 +210,10 @@ def _fuse_cpu_linears(backbone: torch.nn.Module, config: Any) -> int:
     return swapped
 
 
+#: the (dense, sparse, colbert) output tensors of a batch, ``None`` for a route not asked for
+_Outputs = tuple["torch.Tensor | None", "torch.Tensor | None", "torch.Tensor | None"]
+
+
 class _Launched(NamedTuple):
     """A batch whose forward pass is queued: host-side ids and mask, and its output tensors.
 
@@ -216,7 +224,7 @@ class _Launched(NamedTuple):
     ids: np.ndarray
     mask: np.ndarray
     lengths: np.ndarray
-    outputs: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+    outputs: _Outputs
     ready: Any  # torch.cuda.Event | None
 
 
@@ -408,7 +416,7 @@ class M3Encoder:
 
         self._backbone = backbone.eval()
         self._sparse_head = sparse_head.eval()
-        self._colbert_head = colbert_head.eval()
+        self._colbert_head: torch.nn.Module = colbert_head.eval()
         self._place_modules()
         self._run_backbone: Any = self._backbone
         if self.compiled:
@@ -443,7 +451,7 @@ class M3Encoder:
         fuse = self._fuse_cpu and not self.compiled  # torch.compile does its own fusing
         if fuse and self.device.type == "cpu" and dtype == torch.bfloat16 and _onednn_fusion_works(dtype):
             self.fused_linears = _fuse_cpu_linears(self._backbone, self.config)
-            self._colbert_head = _FusedLinear(self._colbert_head)
+            self._colbert_head = _FusedLinear(cast(torch.nn.Linear, self._colbert_head))  # still the loaded Linear
 
     def _compile_backbone(self) -> Any:
         import torch._dynamo
@@ -497,11 +505,11 @@ class M3Encoder:
 
     def token_to_id(self, token: str) -> int:
         """The id of a vocabulary entry (the unk id when it is unknown)."""
-        return int(self.tokenizer.convert_tokens_to_ids(token))
+        return int(cast(int, self.tokenizer.convert_tokens_to_ids(token)))  # one token: one id
 
     def convert_id_to_token(self, lexical_weights: dict[int, float]) -> dict[str, float]:
         """Readable lexical weights: ``{decoded token: weight}``, like FlagEmbedding's."""
-        return {self.tokenizer.decode([int(i)]): w for i, w in lexical_weights.items()}
+        return {cast(str, self.tokenizer.decode([int(i)])): w for i, w in lexical_weights.items()}
 
     def _tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[list[int]], list[int]]:
         """Token ids per text, truncated to ``max_length``; also the indices that were cut."""
@@ -631,9 +639,7 @@ class M3Encoder:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t.to(self.device)
 
-    def _copy_to_host(
-        self, outputs: tuple[torch.Tensor | None, ...]
-    ) -> tuple[tuple[torch.Tensor | None, ...], Any]:
+    def _copy_to_host(self, outputs: _Outputs) -> tuple[_Outputs, Any]:
         """Queue copies of a batch's GPU outputs into pinned host tensors on a side stream.
 
         The copies run beside the next batch's forward pass (queued before ``_finish`` waits on
@@ -655,7 +661,7 @@ class M3Encoder:
                 host.append(staged)
             ready = torch.cuda.Event()
             ready.record(stream)
-        return tuple(host), ready
+        return cast(_Outputs, tuple(host)), ready  # one per output
 
     def _attention_bias(self, mask: np.ndarray) -> torch.Tensor:
         """Padding mask as the additive ``[batch, 1, 1, keys]`` bias attention adds to its scores.

@@ -186,8 +186,8 @@ def weight_grid(step: float = 0.1) -> list[tuple[float, float, float]]:
     # Descending, so that of two multiples of one another the larger comes first and is kept.
     values = [round(i * step, 6) for i in range(n, -1, -1)]
     seen: set[tuple[float, ...]] = set()
-    out = []
-    for w in product(values, repeat=3):
+    out: list[tuple[float, float, float]] = []
+    for w in product(values, values, values):
         total = sum(w)
         if total <= 0:
             continue

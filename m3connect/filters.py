@@ -22,13 +22,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeGuard
 
 from .errors import FilterError
 
 __all__ = ["Eq", "In", "Cmp", "And", "Or", "FilterNode", "parse_filter", "matches", "float_comparable"]
 
-Scalar = Union[str, int, float, bool]
+Scalar = str | int | float | bool
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
 
@@ -62,7 +62,7 @@ class Or:
     items: tuple[FilterNode, ...]
 
 
-FilterNode = Union[Eq, In, Cmp, And, Or]
+FilterNode = Eq | In | Cmp | And | Or
 
 
 def _scalar(value: Any, where: str) -> Scalar:
@@ -158,7 +158,7 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def float_comparable(value: object) -> bool:
+def float_comparable(value: object) -> TypeGuard[int | float]:
     """A number that a float range compares exactly, so ``2`` can match a stored ``2.0``
     (bools are not numbers here; ints beyond 2**53 must match by value)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -56,11 +57,11 @@ def candidate_routes(weights: Weights, asked: Sequence[str] | None = None) -> tu
         bad = [r for r in routes if r not in ROUTES]
         if bad or not routes:
             raise InvalidInputError(f"candidate_routes must name routes of {ROUTES}, got {list(asked)!r}")
-        return routes  # type: ignore[return-value]
+        return cast("tuple[Route, ...]", routes)  # every one checked against ROUTES above
     active = weights.active_routes
     if weights.dense > 0:
-        return tuple(r for r in active if r != "colbert")  # type: ignore[return-value]
-    return active  # type: ignore[return-value]
+        return tuple(r for r in active if r != "colbert")
+    return active
 
 
 def _usable(route: str, query: Vectors) -> bool:
@@ -228,7 +229,7 @@ def pushed(
     stats.candidates = len(ranked)
     ids = [rid for rid, _ in ranked]
     routes = [r for r in weights.active_routes if _usable(r, query)]
-    route_scores = adapter.score(ids, query, routes) if ids and routes else {}  # type: ignore[arg-type]
+    route_scores = adapter.score(ids, query, routes) if ids and routes else {}
     stats.score_calls += 1 if ids and routes else 0
     for rid in ids:
         entry = route_scores.setdefault(rid, {})

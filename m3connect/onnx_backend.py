@@ -80,7 +80,8 @@ def export_backbone(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
             if additive:
                 keep = attention_mask[:, None, None, :].to(torch.float32)
                 mask = (1.0 - keep) * torch.finfo(torch.float32).min
-            return self.inner(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            hidden: torch.Tensor = self.inner(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            return hidden
 
     ids = torch.full((2, 16), 5, dtype=torch.long)
     mask = torch.ones_like(ids)
@@ -101,7 +102,7 @@ def export_backbone(model_dir: str | os.PathLike[str], out_dir: str | os.PathLik
             dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "last_hidden_state": dynamic},
             opset_version=_OPSET,
         )
-    heads: dict[str, np.ndarray] = {}
+    heads: dict[str, Any] = {}  # arrays; Any, as np.savez's stub also types its allow_pickle= keyword
     for prefix, name in (("sparse", "sparse_linear.pt"), ("colbert", "colbert_linear.pt")):
         file = src / name
         if not file.is_file():

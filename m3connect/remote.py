@@ -231,7 +231,7 @@ class RemoteEncoder:
             raise InvalidInputError(f"max_length must be in [2, {self.model_max_length}], got {max_length}")
         return int(max_length)
 
-    def _encode_chunk(self, texts: list[str], max_length: int, outputs: list[str]) -> EncodeOutput:
+    def _encode_chunk(self, texts: list[str], max_length: int, outputs: Sequence[str]) -> EncodeOutput:
         body = packb({"texts": texts, "outputs": outputs, "max_length": max_length, "dtype": self.wire_dtype})
         response = self._request(
             "POST", "/v1/encode", content=body, headers={"Content-Type": MSGPACK, "Accept": MSGPACK}
@@ -256,7 +256,7 @@ class RemoteEncoder:
             out = parts[0]
         else:
             out = EncodeOutput(
-                dense=np.concatenate([p.dense for p in parts]) if parts[0].dense is not None else None,  # type: ignore[misc]
+                dense=np.concatenate([p.dense for p in parts]) if parts[0].dense is not None else None,
                 sparse=[s for p in parts for s in (p.sparse or [])] if parts[0].sparse is not None else None,
                 colbert=[c for p in parts for c in (p.colbert or [])] if parts[0].colbert is not None else None,
                 num_tokens=[t for p in parts for t in p.num_tokens],
@@ -311,7 +311,8 @@ class RemoteEncoder:
                     f"the encoder server at {self.url} is busy ({status}: {message}) after {attempt} retries"
                 )
             if 400 <= status < 500:
-                raise _ERRORS.get(kind, InvalidInputError)(f"the encoder server refused the request ({status}): {message}")
+                error = _ERRORS.get(kind, InvalidInputError)
+                raise error(f"the encoder server refused the request ({status}): {message}")
             raise EncoderUnavailableError(f"the encoder server at {self.url} failed ({status}): {message}")
 
     def _retry_delay(self, response: Any, attempt: int) -> float:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .errors import InvalidInputError, InvalidTypeError
-from .types import ROUTES, EncodeOutput
+from .types import ROUTES, EncodeOutput, Route
 
 __all__ = [
     "Weights",
@@ -44,7 +44,7 @@ class Weights(NamedTuple):
     colbert: float
 
     @property
-    def active_routes(self) -> tuple[str, ...]:
+    def active_routes(self) -> tuple[Route, ...]:
         """Routes with a non-zero weight; a zero weight drops its route."""
         return tuple(r for r, w in zip(ROUTES, self) if w > 0)
 
@@ -161,8 +161,7 @@ def score_pairs(queries: EncodeOutput, passages: EncodeOutput, weights: Weights)
         for route in ROUTES:
             out[route].append(s[route])
         # Like the reference, "sparse+dense" is undefined (nan) when both weights are 0.
-        out["sparse+dense"].append(
-            (weights.sparse * s["sparse"] + weights.dense * s["dense"]) / pair_weight if pair_weight > 0 else float("nan")
-        )
+        pair = weights.sparse * s["sparse"] + weights.dense * s["dense"]
+        out["sparse+dense"].append(pair / pair_weight if pair_weight > 0 else float("nan"))
         out["colbert+sparse+dense"].append(combine(s, weights))
     return out

@@ -331,8 +331,14 @@ class _Batcher:
         m.tokens.inc(tokens)
         m.texts.inc(len(texts))
         alpha = 0.3
-        self._tokens_per_s = tokens / seconds if not self._tokens_per_s else (1 - alpha) * self._tokens_per_s + alpha * tokens / seconds
-        self._texts_per_s = len(texts) / seconds if not self._texts_per_s else (1 - alpha) * self._texts_per_s + alpha * len(texts) / seconds
+        self._tokens_per_s = (
+            tokens / seconds if not self._tokens_per_s
+            else (1 - alpha) * self._tokens_per_s + alpha * tokens / seconds
+        )
+        self._texts_per_s = (
+            len(texts) / seconds if not self._texts_per_s
+            else (1 - alpha) * self._texts_per_s + alpha * len(texts) / seconds
+        )
         m.tokens_per_second.set(self._tokens_per_s)
         start = 0
         for job in group:
@@ -341,11 +347,12 @@ class _Batcher:
                 job.future.set_result(slice_output(out, start, stop))
             start = stop
 
-    def _encode(self, texts: list[str], max_length: int, flags: tuple[bool, bool, bool]) -> EncodeOutput:
-        return self.encoder.encode(
+    def _encode(self, texts: list[str], max_length: int, flags: tuple[bool, ...]) -> EncodeOutput:
+        out: EncodeOutput = self.encoder.encode(
             texts, max_length=max_length, return_dense=flags[0], return_sparse=flags[1],
             return_colbert=flags[2], show_progress=False,
         )
+        return out
 
 
 # -- request handling -------------------------------------------------------------------------
@@ -355,9 +362,12 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())[:500]
 
 
-def _error(status: int, message: str, *, kind: str = "InvalidInputError", retry_after: int | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, *, kind: str = "InvalidInputError", retry_after: int | None = None
+) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse({"error": _one_line(message), "type": kind, "status": status}, status_code=status, headers=headers)
+    body = {"error": _one_line(message), "type": kind, "status": status}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _type_name(value: Any) -> str:
@@ -458,7 +468,9 @@ class _App:
             raise _Reject(422, f"{type(exc).__name__}: {exc}") from None
         except Exception as exc:  # noqa: BLE001
             logger.exception("encoding failed")
-            raise _Reject(500, f"encoding failed: {type(exc).__name__}: {exc}", kind="EncoderUnavailableError") from None
+            raise _Reject(
+                500, f"encoding failed: {type(exc).__name__}: {exc}", kind="EncoderUnavailableError"
+            ) from None
         finally:
             watcher.cancel()
         if not truncate and out.truncated:
@@ -536,7 +548,9 @@ class _App:
             raise _Reject(422, f"'max_length' must be in [2, {self.model_max_length}], got {max_length}")
         outputs = payload.get("outputs", list(ROUTES))
         if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
-            raise _Reject(422, f"'outputs' must be a list like {list(ROUTES)}, got {outputs!r}", kind="InvalidTypeError")
+            raise _Reject(
+                422, f"'outputs' must be a list like {list(ROUTES)}, got {outputs!r}", kind="InvalidTypeError"
+            )
         if not outputs:
             raise _Reject(422, f"'outputs' is empty; choose from {list(ROUTES)}")
         try:
@@ -596,7 +610,8 @@ class _Server(uvicorn.Server):
 
 def _config(app: Starlette, limits: Limits, **kwargs: Any) -> uvicorn.Config:
     return uvicorn.Config(
-        app, lifespan="on", timeout_graceful_shutdown=limits.drain_timeout_s,
+        # uvicorn types it as int, but only hands it to asyncio.wait_for, which takes a float
+        app, lifespan="on", timeout_graceful_shutdown=limits.drain_timeout_s,  # type: ignore[arg-type]
         server_header=False, **kwargs,
     )
 

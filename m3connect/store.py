@@ -1,4 +1,9 @@
-"""The backend-neutral store: ingestion, exact M3 search, and the URI facade.
+"""The store facade: :func:`connect` opens a collection named by a URI, :class:`M3Store` ingests,
+reads and searches it (exact M3 fusion by default), and a reopen is checked against the stored spec.
+
+URIs, credentials and adapters live in :mod:`m3connect.uri`, input checks in
+:mod:`m3connect.validation`, the ingestion parts in :mod:`m3connect.ingestion`; their public names
+are importable from here too.
 
 >>> store = connect("qdrant://:memory:", collection="docs", encoder=enc)   # doctest: +SKIP
 >>> store.add(["first text", "second text"], metadata=[{"lang": "en"}] * 2)  # doctest: +SKIP
@@ -8,367 +13,35 @@
 from __future__ import annotations
 
 import dataclasses
-import contextlib
-import hashlib
-import importlib
 import json
 import logging
-import os
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
-from urllib.parse import unquote, urlsplit
+from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm.auto import tqdm
 
-import numpy as np
-
 from . import fusion as _fusion  # the parameter `fusion` names the method
 from . import scoring
-from .adapters.base import Adapter, CollectionSpec, Record
-from .colbert_storage import pool_tokens
-from .errors import (
-    CollectionNotFoundError,
-    IngestError,
-    InvalidInputError,
-    InvalidTypeError,
-    M3Error,
-    SchemaMismatchError,
-    redact_error,
-)
+from .adapters.base import Adapter, CollectionSpec, FusionMethod, Record
+from .defaults import DEFAULT_WEIGHTS
+from .errors import CollectionNotFoundError, InvalidInputError, InvalidTypeError, SchemaMismatchError
 from .filters import parse_filter
-from .types import ROUTES, Document, Hit, Vectors
+from .ingestion import IngestReport, _records_from, _write_batches, document_id
+from .types import Document, Hit, Vectors
+from .uri import ParsedURI, ReadWriteLock, _adapter_class, _adapter_key, _lock_for, _NoLock, check_options, parse_uri, safe_uri
+from .uri import _load_adapter as _load_adapter  # connect() looks it up here: tests patch store._load_adapter
+from .uri import _with_credentials as _with_credentials  # distributed.py imports it from here
+from .validation import _MAX_K, _check_batch_size, _check_ids, _check_routes, _check_text, _check_vectors
 
 if TYPE_CHECKING:
     from .protocols import Encoder
 
 __all__ = ["connect", "M3Store", "ParsedURI", "parse_uri", "safe_uri", "IngestReport", "document_id"]
 
-_log = logging.getLogger(__name__)  # DEBUG: batches, searches, timings; the library never configures logging
+_log = logging.getLogger(__name__)  # DEBUG: searches, timings; the library never configures logging
 Fusion = Literal["exact", "engine", "rrf"]
-_MAX_K = 10_000  # OpenSearch's result window and Milvus' topk limit; Qdrant takes more, no user needs it
-_ADAPTERS = {
-    "milvus": "m3connect.adapters.milvus:MilvusAdapter",
-    "qdrant": "m3connect.adapters.qdrant:QdrantAdapter",
-    "qdrant-edge": "m3connect.adapters.qdrant_edge:QdrantEdgeAdapter",
-    "opensearch": "m3connect.adapters.opensearch:OpenSearchAdapter",
-}
-_SCHEMES = ("milvus", "qdrant", "opensearch")
-
-
-@dataclass(frozen=True)
-class ParsedURI:
-    """A store URI split into engine and location.
-
-    ``milvus:///abs/file.db`` → embedded file; ``qdrant://:memory:``; ``qdrant:///abs/dir``;
-    ``milvus://host:19530``, ``qdrant://host:6333``, ``opensearch://host:9200`` → servers.
-    ``+https`` after the engine (``qdrant+https://host``) asks for TLS. ``qdrant:///abs/dir``
-    is Qdrant Edge (Qdrant's Rust engine in-process); ``qdrant+local:///abs/dir`` is
-    qdrant-client's pure-Python local mode, which also opens a directory it wrote before.
-    ``milvus://./m3.db`` (or ``../``, ``~/``) is a path relative to the working directory,
-    resolved here. ``user:password@host`` carries credentials (the password never shows in
-    ``repr``); for Qdrant the password is the API key.
-    """
-
-    engine: str
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-    tls: bool = False
-    transport: str = ""
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    @property
-    def embedded(self) -> bool:
-        return self.host is None
-
-    def url(self, default_port: int) -> str:
-        scheme = "https" if self.tls else "http"
-        return f"{scheme}://{self.host}:{self.port or default_port}"
-
-
-def safe_uri(uri: str) -> str:
-    """``uri`` with the password of ``user:password@`` replaced by ``***`` (for messages)."""
-    scheme, sep, rest = uri.partition("://")
-    netloc, slash, tail = rest.partition("/")
-    if sep and "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hostport}"
-    return f"{scheme}{sep}{netloc}{slash}{tail}"
-
-
-def parse_uri(uri: str) -> ParsedURI:
-    """Parse a store URI; an unknown scheme or an unusable location is an ``InvalidInputError``."""
-    if not isinstance(uri, str):
-        raise InvalidTypeError(f"uri must be a string, got {type(uri).__name__}")
-    shown = safe_uri(uri)
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        hint = f"; for a Milvus Lite file say milvus://./{uri}" if uri.endswith(".db") else ""
-        raise InvalidInputError(
-            f"{shown!r} is not a store URI; expected e.g. milvus:///abs/m3.db, qdrant:///abs/dir or "
-            f"opensearch://host:9200{hint}"
-        )
-    engine, _, transport = scheme.lower().partition("+")
-    if engine not in _SCHEMES or transport not in ("", "https", "http") + (("local",) if engine == "qdrant" else ()):
-        raise InvalidInputError(f"unknown URI scheme {scheme!r} in {shown!r}; use one of {list(_SCHEMES)}")
-    tls = transport == "https"
-    if rest == ":memory:":
-        if engine != "qdrant":
-            raise InvalidInputError(f"{engine} has no in-memory mode; use a file path")
-        return ParsedURI(engine, path=":memory:", transport="local")
-    if rest.startswith(("./", "../", "~/")) or rest in (".", ".."):
-        rest = str(Path(rest).expanduser().resolve())
-    if rest.startswith("/"):
-        if engine == "opensearch":
-            raise InvalidInputError("OpenSearch has no embedded mode; use opensearch://host:9200")
-        return ParsedURI(engine, path="/" + rest.lstrip("/"), transport=transport)
-    parts = urlsplit(f"//{rest}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise InvalidInputError(f"{shown!r}: the port must be a number in 1..65535") from None
-    if not parts.hostname:
-        raise InvalidInputError(f"{shown!r} names neither a host nor an absolute path")
-    if engine != "opensearch" and parts.hostname.endswith((".db", ".sqlite")):
-        raise InvalidInputError(
-            f"{shown!r} reads as host {parts.hostname!r}; for an embedded file give an absolute path "
-            f"({engine}:///abs/path) or one relative to the working directory ({engine}://./{parts.hostname})"
-        )
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
-    return ParsedURI(engine, host=parts.hostname, port=port, tls=tls, user=user, password=password)
-
-
-_BAD_KEY_CHARS = frozenset('."\'\\`$')
-
-
-def _check_text(text: Any, where: str, need_text: bool) -> None:
-    if not isinstance(text, str):
-        raise InvalidTypeError(f"{where} is {type(text).__name__}, not str")
-    if need_text and not text.strip():
-        raise InvalidInputError(f"{where} is empty or only whitespace")
-    if "\x00" in text:
-        raise InvalidInputError(f"{where} holds a NUL character at {text.index(chr(0))}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(f"{where} is not valid Unicode (a lone surrogate at {exc.start})") from None
-
-
-def _check_id(rid: str, where: str) -> None:
-    if not rid.strip():
-        raise InvalidInputError(f"{where} is empty")
-    if "\x00" in rid:
-        raise InvalidInputError(f"{where} {rid!r} holds a NUL character")
-    try:
-        rid.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInputError(f"{where} {rid!r} is not valid Unicode") from None
-
-
-def _check_metadata(meta: Mapping[str, Any], where: str) -> None:
-    """Metadata must survive every engine unchanged: string keys a filter can name, JSON values."""
-    for key, value in meta.items():
-        if not isinstance(key, str):
-            raise InvalidTypeError(f"{where} has a non-string key {key!r}")
-        if not key or key.startswith("$") or _BAD_KEY_CHARS & set(key) or not key.isprintable():
-            raise InvalidInputError(
-                f"{where} key {key!r} is not allowed: keys must be non-empty, not start with '$', "
-                "and hold no dots, quotes, backslashes or control characters"
-            )
-        _check_json_value(value, f"{where}[{key!r}]")
-
-
-def _check_json_value(value: Any, where: str) -> None:
-    if value is None or isinstance(value, (str, bool, int)):
-        if isinstance(value, str):
-            _check_text(value, where, False)
-        return
-    if isinstance(value, float):
-        if not np.isfinite(value):
-            raise InvalidInputError(f"{where} is {value}: NaN and infinity are not JSON values")
-        return
-    if isinstance(value, (list, tuple)):
-        for j, item in enumerate(value):
-            _check_json_value(item, f"{where}[{j}]")
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise InvalidTypeError(f"{where} has a non-string key {key!r}")
-            _check_json_value(item, f"{where}[{key!r}]")
-        return
-    raise InvalidTypeError(
-        f"{where} is {type(value).__name__}; metadata values must be str, int, float, bool, None, "
-        "or lists/dicts of them"
-    )
-
-
-def _check_batch_size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _MAX_K:
-        raise InvalidInputError(f"batch_size must be an int in 1..{_MAX_K}, got {value!r}")
-    return value
-
-
-def _check_routes(vectors: Any) -> tuple[str, ...]:
-    """``get(vectors=...)``: a route name or names of routes, checked; ``()`` for none."""
-    if vectors is None:
-        return ()
-    if isinstance(vectors, str):
-        vectors = (vectors,)
-    if not isinstance(vectors, Iterable):
-        raise InvalidTypeError(f"vectors must name routes of {ROUTES}, got {type(vectors).__name__}")
-    named = list(vectors)
-    unknown = [r for r in named if not isinstance(r, str) or r not in ROUTES]
-    if unknown:
-        raise InvalidInputError(f"vectors must name routes of {ROUTES}, got {unknown[0]!r}")
-    return tuple(dict.fromkeys(named))
-
-
-def document_id(text: str, metadata: Mapping[str, Any] | None = None) -> str:
-    """Deterministic id from content, so re-running an ingestion overwrites, never duplicates."""
-    digest = hashlib.sha256(text.encode("utf-8"))
-    if metadata:
-        digest.update(json.dumps(metadata, sort_keys=True, default=str).encode("utf-8"))
-    return digest.hexdigest()[:32]
-
-
-def _adapter_key(location: ParsedURI) -> str:
-    """Which adapter serves a location: embedded Qdrant directories go to Qdrant Edge,
-    except ``qdrant+local://`` and directories that qdrant-client's local mode wrote."""
-    if location.engine != "qdrant" or not location.embedded or location.transport == "local":
-        return location.engine
-    if (Path(location.path or "") / _QDRANT_LOCAL_MARKER).exists():
-        return "qdrant"
-    return "qdrant-edge"
-
-
-_QDRANT_LOCAL_MARKER = "meta.json"  # qdrant-client's local mode keeps its catalogue there
-
-
-_SECRET_OPTIONS = ("password", "api_key", "token")
-
-
-def _with_credentials(location: ParsedURI, options: dict[str, Any]) -> dict[str, Any]:
-    """Options with the URI's ``user:password@`` added where no explicit option overrides it."""
-    options = dict(options)
-    if location.engine == "qdrant":
-        if location.password and "api_key" not in options:
-            options["api_key"] = location.password
-    else:
-        if location.user and "user" not in options:
-            options["user"] = location.user
-        if location.password is not None and "password" not in options:
-            options["password"] = location.password
-    return options
-
-
-def _secrets(options: Mapping[str, Any]) -> tuple[str, ...]:
-    found: list[str] = []
-    for name in _SECRET_OPTIONS:
-        value = options.get(name)
-        if isinstance(value, str) and value:
-            found.append(value)
-            found.extend(part for part in value.split(":")[1:] if part)  # Milvus token "user:password"
-    return tuple(found)
-
-
-def _adapter_class(location: ParsedURI) -> type[Adapter]:
-    module_name, _, cls_name = _ADAPTERS[_adapter_key(location)].partition(":")
-    cls: type[Adapter] = getattr(importlib.import_module(module_name), cls_name)
-    return cls
-
-
-def _load_adapter(location: ParsedURI, collection: str, options: dict[str, Any]) -> Adapter:
-    cls = _adapter_class(location)
-    secrets = _secrets(options)
-    try:
-        adapter: Adapter = cls(location, collection, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
-            raise
-        raise InvalidInputError(f"{cls.engine} does not take the option {str(exc).rpartition(' ')[2]}") from None
-    except M3Error as exc:
-        raise redact_error(exc, secrets)
-    adapter.secrets = secrets
-    return adapter
-
-
-class ReadWriteLock:
-    """Many readers or one writer. Embedded engines share one per location, so that threads of
-    one process never see a half-applied overwrite (Milvus Lite applies an upsert as a delete
-    and an insert; a search in between would miss the document on some routes)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-class _NoLock:
-    """Servers order concurrent requests themselves."""
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
-        yield
-
-    write = read
-
-
-_EMBEDDED_LOCKS: dict[tuple[str, str], ReadWriteLock] = {}
-_EMBEDDED_LOCKS_GUARD = threading.Lock()
-
-
-def _lock_for(location: ParsedURI) -> ReadWriteLock | _NoLock:
-    if not location.embedded or location.path == ":memory:":
-        return ReadWriteLock() if location.embedded else _NoLock()
-    with _EMBEDDED_LOCKS_GUARD:
-        return _EMBEDDED_LOCKS.setdefault((location.engine, os.path.realpath(location.path or "")), ReadWriteLock())
-
-
-@dataclass
-class IngestReport:
-    """What one ingestion did."""
-
-    written: int = 0
-    skipped: int = 0
-    truncated: int = 0
-    batches: int = 0
-    encode_seconds: float = 0.0
-    write_seconds: float = 0.0
-    ids: list[str] = field(default_factory=list)
 
 
 class M3Store:
@@ -470,63 +143,8 @@ class M3Store:
             )
         return self.encoder
 
-    @staticmethod
-    def _records_from(
-        texts: Iterable[Any],
-        ids: Sequence[str] | None,
-        metadata: Sequence[Mapping[str, Any] | None] | None,
-        *,
-        need_text: bool = True,
-    ) -> Iterator[tuple[int, str, str, dict[str, Any]]]:
-        """Yield (index, id, text, metadata) from texts or record dicts, checking every value.
-
-        Everything is checked before it reaches an engine, so a bad item stops the run with
-        a message naming it, and nothing after it is written."""
-        if texts is None or isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
-            raise InvalidTypeError(
-                f"texts must be a list of strings, got {type(texts).__name__}"
-                + (": wrap a single text in a list" if isinstance(texts, str) else "")
-            )
-        if ids is not None and (isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable)):
-            raise InvalidTypeError(f"ids must be a list of strings, got {type(ids).__name__}")
-        if metadata is not None and (isinstance(metadata, Mapping) or not isinstance(metadata, Iterable)):
-            raise InvalidTypeError(f"metadata must be a list of dicts (one per text), got {type(metadata).__name__}")
-        id_list = None if ids is None else list(ids)
-        meta_list = None if metadata is None else list(metadata)
-        count = 0
-        for i, item in enumerate(texts):
-            count += 1
-            if isinstance(item, Document):
-                text, rid, meta = item.text, item.id, dict(item.metadata)
-            elif isinstance(item, Mapping):
-                text = item.get("text")
-                rid = item.get("id")
-                meta = dict(item.get("metadata") or {})
-            else:
-                text, rid, meta = item, None, {}
-            _check_text(text, f"texts[{i}]", need_text)
-            if id_list is not None:
-                if i >= len(id_list):
-                    raise InvalidInputError(f"ids has {len(id_list)} entries but texts has more")
-                rid = id_list[i]
-                if rid is None:
-                    raise InvalidTypeError(f"ids[{i}] is None; give every text an id, or pass no ids at all")
-            if meta_list is not None:
-                if i >= len(meta_list):
-                    raise InvalidInputError(f"metadata has {len(meta_list)} entries but texts has more")
-                if meta_list[i] is not None and not isinstance(meta_list[i], Mapping):
-                    raise InvalidTypeError(f"metadata[{i}] is {type(meta_list[i]).__name__}, not a dict")
-                meta = dict(meta_list[i] or {})
-            if rid is not None:
-                if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-                    raise InvalidTypeError(f"ids[{i}] must be a str or int, got {type(rid).__name__}")
-                _check_id(str(rid), f"ids[{i}]")
-            _check_metadata(meta, f"metadata[{i}]")
-            yield i, str(rid) if rid is not None else document_id(text, meta), text, meta
-        if id_list is not None and len(id_list) != count:
-            raise InvalidInputError(f"ids has {len(id_list)} entries for {count} texts")
-        if meta_list is not None and len(meta_list) != count:
-            raise InvalidInputError(f"metadata has {len(meta_list)} entries for {count} texts")
+    # distributed.py derives ids through it, exactly as ingest() does
+    _records_from = staticmethod(_records_from)
 
     def add(
         self,
@@ -570,9 +188,9 @@ class M3Store:
             texts = [""] * len(vectors)
         if len(texts) != len(vectors):
             raise InvalidInputError(f"texts has {len(texts)} entries for {len(vectors)} vectors")
-        rows = list(self._records_from(texts, ids, metadata, need_text=False))
+        rows = list(_records_from(texts, ids, metadata, need_text=False))
         records = [
-            Record(id=rid, text=text, metadata=meta, **self._checked_vectors(vectors[i], i).__dict__)
+            Record(id=rid, text=text, metadata=meta, **_check_vectors(vectors[i], i, self.spec).__dict__)
             for i, rid, text, meta in rows
         ]
         report = IngestReport(ids=[r.id for r in records])
@@ -581,42 +199,6 @@ class M3Store:
         self._write(list({r.id: r for r in records}.values()), report)
         self.adapter.flush()
         return report.ids
-
-    def _checked_vectors(self, value: Any, i: int) -> Vectors:
-        try:
-            v = Vectors.of(value)
-        except TypeError as exc:
-            raise InvalidTypeError(f"vectors[{i}]: {exc}") from None
-        spec = self.spec
-        dense = np.asarray(v.dense, np.float32) if v.dense is not None else None
-        if dense is None or dense.shape != (spec.dense_dim,):
-            raise InvalidInputError(
-                f"vectors[{i}].dense must have shape ({spec.dense_dim},), got "
-                f"{None if dense is None else dense.shape}"
-            )
-        colbert = np.asarray(v.colbert, np.float32) if v.colbert is not None else None
-        if colbert is None or colbert.ndim != 2 or colbert.shape[1] != spec.colbert_dim:
-            raise InvalidInputError(
-                f"vectors[{i}].colbert must have shape (tokens, {spec.colbert_dim}), got "
-                f"{None if colbert is None else colbert.shape}"
-            )
-        if not isinstance(v.sparse, Mapping):
-            raise InvalidTypeError(f"vectors[{i}].sparse must be a dict {{token_id: weight}}")
-        sparse: dict[int, float] = {}
-        for key, weight in v.sparse.items():
-            if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or key < 0:
-                raise InvalidTypeError(f"vectors[{i}].sparse key {key!r} is not a non-negative int token id")
-            sparse[int(key)] = float(weight)
-        if not (np.isfinite(dense).all() and np.isfinite(colbert).all() and np.isfinite(list(sparse.values())).all()):
-            raise InvalidInputError(f"vectors[{i}] holds NaN or infinite values")
-        norms = np.linalg.norm(colbert, axis=1)
-        if len(norms) and norms.max() > _fusion.COLBERT_NORM_LIMIT:
-            row = int(norms.argmax())
-            raise InvalidInputError(
-                f"vectors[{i}].colbert row {row} has norm {norms[row]:.4f}: ColBERT rows must be "
-                "L2-normalised, as BGE-M3 makes them (exact fusion relies on it)"
-            )
-        return Vectors(dense=dense, sparse=sparse, colbert=colbert)
 
     def ingest(
         self,
@@ -640,7 +222,7 @@ class M3Store:
         pending: list[tuple[int, str, str, dict[str, Any]]] = []
         bar = tqdm(desc="Writing", unit="doc", disable=not show_progress)  # library code: off unless asked
         with bar:
-            for item in self._records_from(texts, ids, metadata):
+            for item in _records_from(texts, ids, metadata):
                 pending.append(item)
                 if len(pending) >= encode_batch_size:
                     self._ingest_chunk(encoder, pending, report, skip_existing, bar)
@@ -685,42 +267,9 @@ class M3Store:
         bar.update(len(chunk))
 
     def _write(self, records: list[Record], report: IngestReport) -> None:
-        """Cut records into batches by bytes and upsert them; a failure names its batch."""
+        """Write records in batches cut by bytes, creating the collection if it is still pending."""
         adapter = self._writer()
-        limit = adapter.max_batch_bytes
-        spec = self.spec
-        if spec.colbert_pool_factor > 1:  # token pooling happens here, once, for every engine
-            for record in records:
-                record.colbert = pool_tokens(record.colbert, spec.colbert_pool_factor)
-        row_bytes = spec.colbert_row_bytes
-        batch: list[Record] = []
-        size = 0
-        for record in records + [None]:  # type: ignore[list-item]
-            rec_size = 0 if record is None else record.nbytes(0) + len(record.colbert) * row_bytes  # type: ignore[arg-type]
-            if batch and (record is None or size + rec_size > limit):
-                try:
-                    t0 = time.perf_counter()
-                    with self._lock.write():
-                        adapter.upsert(batch)
-                    _log.debug("%s %r: wrote batch %d (%d documents, %.0f kB) in %.1f ms", adapter.engine,
-                               adapter.collection, report.batches, len(batch), size / 1024,
-                               1000 * (time.perf_counter() - t0))
-                except (InvalidInputError, InvalidTypeError):
-                    raise  # a bad record: its message names it; earlier batches are stored
-                except Exception as exc:  # adapters raise M3Errors; a wrapped or patched one may not
-                    raise IngestError(
-                        f"writing batch {report.batches} ({len(batch)} documents, ids {batch[0].id!r}...) "
-                        f"to {adapter.engine} failed: {exc}. "
-                        "Earlier batches are stored; re-run to resume.",
-                        batch_index=report.batches,
-                        ids=[r.id for r in batch],
-                    ) from exc
-                report.batches += 1
-                report.written += len(batch)
-                batch, size = [], 0
-            if record is not None:
-                batch.append(record)
-                size += rec_size
+        _write_batches(adapter, records, self.spec, self._lock, report)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -731,7 +280,7 @@ class M3Store:
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete documents by id; unknown ids are ignored (as is a collection not yet created)."""
-        ids = self._check_ids(ids)
+        ids = _check_ids(ids)
         if ids and self._pending_spec is None:
             with self._lock.write():
                 self.adapter.delete(ids)
@@ -745,7 +294,7 @@ class M3Store:
         form (ColBERT after the collection's ``colbert_pool_factor`` and ``colbert_dtype``);
         routes not named stay ``None``. By default no vector moves and ``vectors`` is ``None``.
         """
-        ids = self._check_ids(ids)
+        ids = _check_ids(ids)
         routes = _check_routes(vectors)
         with self._lock.read():
             found = self._reader().fetch(ids, fields=routes)
@@ -802,27 +351,13 @@ class M3Store:
                 adapter.flush()
         return deleted
 
-    @staticmethod
-    def _check_ids(ids: Sequence[str]) -> list[str]:
-        if isinstance(ids, str):
-            raise InvalidTypeError("ids must be a list of strings, not a single string")
-        if not isinstance(ids, Iterable):
-            raise InvalidTypeError(f"ids must be a list of strings, got {type(ids).__name__}")
-        out = []
-        for i, value in enumerate(ids):
-            if not isinstance(value, (str, int)) or isinstance(value, bool):
-                raise InvalidTypeError(f"ids[{i}] is {type(value).__name__}, not str")
-            _check_id(str(value), f"ids[{i}]")
-            out.append(str(value))
-        return out
-
     # -- search -----------------------------------------------------------------------------
 
     def search(
         self,
         query: str,
         k: int = 10,
-        weights: Sequence[float] | Mapping[str, float] = (0.4, 0.2, 0.4),
+        weights: Sequence[float] | Mapping[str, float] = DEFAULT_WEIGHTS,
         filter: Mapping[str, Any] | None = None,
         *,
         fusion: Fusion = "exact",
@@ -855,7 +390,7 @@ class M3Store:
         self,
         query: Mapping[str, Any],
         k: int = 10,
-        weights: Sequence[float] | Mapping[str, float] = (0.4, 0.2, 0.4),
+        weights: Sequence[float] | Mapping[str, float] = DEFAULT_WEIGHTS,
         filter: Mapping[str, Any] | None = None,
         *,
         fusion: Fusion = "exact",
@@ -890,7 +425,7 @@ class M3Store:
             if fusion == "exact":
                 hits = _fusion.exact(adapter, q, w, k, flt, depth, routes=candidate_routes, stats=stats)
             else:
-                method = "weighted" if fusion == "engine" else "rrf"
+                method: FusionMethod = "weighted" if fusion == "engine" else "rrf"
                 hits = _fusion.pushed(adapter, q, w, k, flt, depth, method, stats=stats)
         _log.debug("%s %r: %s search k=%d depth=%d: %d candidates, %d score calls, %d pruned, %.1f ms",
                    adapter.engine, adapter.collection, fusion, k, depth, stats.candidates, stats.score_calls,
@@ -1003,6 +538,7 @@ def connect(
     engine = _adapter_key(location)
     if spec is not None:
         _adapter_class(location).check_spec(location, spec)
+    check_options(location, options)  # before anything opens: a lazy store would only fail at its first write
     missing_file = location.embedded and location.path != ":memory:" and not Path(location.path or "").exists()
     if missing_file:  # nothing on disk yet: open the engine only when something is written
         if spec is None:

@@ -138,7 +138,9 @@ def make_tiny_checkpoint(
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast
+
+    # transformers 5 keeps XLMRobertaTokenizerFast only as a lazy alias its stubs do not declare
+    from transformers import XLMRobertaConfig, XLMRobertaModel, XLMRobertaTokenizerFast  # type: ignore[attr-defined]
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

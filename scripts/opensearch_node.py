@@ -49,8 +49,9 @@ import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # --------------------------------------------------------------------------------------------
 # Artifacts (Maven coordinates G:A:V[:ext[:classifier]])
@@ -886,7 +887,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("prepare", "run", "check"))
-    parser.add_argument("--cache-dir", default=None, help="default: $M3_OPENSEARCH_CACHE or ~/.cache/m3connect/opensearch")
+    parser.add_argument(
+        "--cache-dir", default=None, help="default: $M3_OPENSEARCH_CACHE or ~/.cache/m3connect/opensearch"
+    )
     parser.add_argument("--heap", default="512m")
     parser.add_argument("--timeout", type=float, default=180.0, help="startup timeout in seconds")
     parser.add_argument("--force", action="store_true", help="re-assemble the node directory")

@@ -28,9 +28,9 @@ import functools
 import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
@@ -171,7 +171,7 @@ def _translating(method: _F, operation: str) -> _F:
         try:
             return method(self, *args, **kwargs)
         except M3Error as exc:
-            raise redact_error(exc, self.secrets)
+            raise redact_error(exc, self.secrets)  # noqa: B904 - the same exception, redacted in place
         except (AssertionError, NotImplementedError, RecursionError, MemoryError):
             raise  # our own bugs and resource exhaustion stay what they are
         except Exception as exc:
@@ -189,7 +189,7 @@ def _translating_generator(method: _F, operation: str) -> _F:
         try:
             yield from method(self, *args, **kwargs)
         except M3Error as exc:
-            raise redact_error(exc, self.secrets)
+            raise redact_error(exc, self.secrets)  # noqa: B904 - the same exception, redacted in place
         except (AssertionError, NotImplementedError, RecursionError, MemoryError):
             raise
         except Exception as exc:
@@ -255,7 +255,7 @@ class Adapter(ABC):
         Raises ``SchemaMismatchError`` if the collection exists but was not made by m3connect.
         """
 
-    @classmethod
+    @classmethod  # noqa: B027 - optional hook, accepting everything by default
     def check_spec(cls, location: Any, spec: CollectionSpec) -> None:
         """Refuse, before anything exists, a spec this engine cannot store (``location`` is
         the parsed URI). ``connect()`` calls it, so the error comes at connect, not at the
@@ -307,10 +307,10 @@ class Adapter(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot list ids")
         yield  # pragma: no cover - makes this a generator, as the overrides are
 
-    def flush(self) -> None:
+    def flush(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Make recent writes durable and searchable (engines that need it override)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release the client."""
 
     # -- search -----------------------------------------------------------------------------

@@ -72,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import colbert_storage
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -80,7 +81,6 @@ from ..errors import (
     MissingDependencyError,
     SchemaMismatchError,
 )
-from .. import colbert_storage
 from ..filters import And, Cmp, Eq, FilterNode, In, Or
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
@@ -191,7 +191,7 @@ class _Packed(str):
 
     __slots__ = ()
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self) -> Iterator[str]:
         return iter(())
 
 
@@ -283,7 +283,9 @@ class MilvusAdapter(Adapter):
         self.colbert_collection = f"{collection}__colbert"
         uri = self.client_uri = location.path if location.embedded else location.url(19530)
         try:
-            self.client = MilvusClient(uri=uri, token=token, user=user, password=password, timeout=timeout, **client_options)
+            self.client = MilvusClient(
+                uri=uri, token=token, user=user, password=password, timeout=timeout, **client_options
+            )
             self.client.list_collections()
             if self.lite:
                 with _LITE_GUARD:
@@ -303,7 +305,8 @@ class MilvusAdapter(Adapter):
             "collection" in lowered and ("not found" in lowered or "does not exist" in lowered)
         ):
             return self.not_found()
-        if isinstance(exc, (MilvusUnavailableException, ConnectionNotExistException)) or "unavailable" in reason.lower():
+        unavailable = isinstance(exc, (MilvusUnavailableException, ConnectionNotExistException))
+        if unavailable or "unavailable" in reason.lower():
             return BackendUnavailableError(f"Milvus is unreachable during {operation}: {reason}")
         if isinstance(exc, MilvusException):
             return BackendError(f"Milvus {operation} on {self.collection!r} failed: {reason}")
@@ -462,7 +465,7 @@ class MilvusAdapter(Adapter):
     def _insert(self, name: str, rows: list[dict[str, Any]], sizes: list[int], *, upsert: bool = False) -> None:
         """Insert (or upsert) rows in RPCs of at most ``_INSERT_BYTES``."""
         start, total = 0, 0
-        for i, size in enumerate(sizes + [None]):  # type: ignore[list-item]
+        for i, size in enumerate(sizes + [None]):
             if i > start and (size is None or total + size > _INSERT_BYTES):
                 (self.client.upsert if upsert else self.client.insert)(name, rows[start:i])
                 start, total = i, 0
@@ -759,7 +762,7 @@ class MilvusAdapter(Adapter):
             if not lexical:
                 return []
             if len(lexical) == 1:
-                return [(d, s * w[lexical[0]]) for d, s in self.search_route(lexical[0], query[lexical[0]], k, flt)]  # type: ignore[arg-type]
+                return [(d, s * w[lexical[0]]) for d, s in self.search_route(lexical[0], query[lexical[0]], k, flt)]
             ranker = WeightedRanker(w["dense"], w["sparse"], norm_score=False)
             res = self.client.hybrid_search(self.collection, [self._request(r, query[r], depth, expr) for r in lexical],
                                             ranker, limit=min(k, _QUERY_WINDOW), output_fields=_OUT)
@@ -769,7 +772,7 @@ class MilvusAdapter(Adapter):
             keep = len(partial)
         elif len(lexical) == 1:
             route = lexical[0]
-            partial = {d: s * w[route] for d, s in self.search_route(route, query[route], depth, flt)}  # type: ignore[arg-type]
+            partial = {d: s * w[route] for d, s in self.search_route(route, query[route], depth, flt)}
             keep = max(k, depth // 2)
         else:
             ranker = WeightedRanker(w["dense"], w["sparse"], norm_score=False)

@@ -55,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import colbert_storage
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -63,7 +64,6 @@ from ..errors import (
     MissingDependencyError,
     SchemaMismatchError,
 )
-from .. import colbert_storage
 from ..filters import And, Cmp, Eq, FilterNode, In, Or
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
@@ -84,7 +84,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 try:  # optional: ~10x faster request bodies (numpy arrays serialised natively)
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
+    _orjson = None  # type: ignore[assignment]  # mypy has no "this module or None" type
 
 __all__ = ["OpenSearchAdapter", "compile_filter", "index_name"]
 
@@ -113,7 +113,9 @@ def index_name(collection: str) -> str:
     """The OpenSearch index for a collection: lowercased; must not start with ``_``, ``-`` or ``+``."""
     name = collection.lower()
     if not name or name[0] in "_-+" or name in (".", ".."):
-        raise InvalidInputError(f"{collection!r} cannot be an OpenSearch index name (it must not start with '_', '-' or '+')")
+        raise InvalidInputError(
+            f"{collection!r} cannot be an OpenSearch index name (it must not start with '_', '-' or '+')"
+        )
     return name
 
 
@@ -237,7 +239,7 @@ double m3sparse(def vals, List qi, List qw) {
   return tot;
 }
 double m3pos(double s) { return s >= 0 ? 1.0 + s : 1.0 / (1.0 - s); }
-"""
+"""  # noqa: E501 - Painless source: a one-line function reads better than a wrapped one
 
 #: exact per-route scores (script_fields: any sign, double)
 _S_DENSE = _LIB + "float[] q = m3q(params.q); float[] v = doc['dense'].value; return m3dot(q, 0, v, q.length);"
@@ -252,7 +254,7 @@ if (params.ws > 0) { tot += params.ws * m3sparse(doc['sparse_x'], params.qi, par
 if (params.wc > 0) { tot += params.wc * m3maxsim(doc['cb'], m3qm(params.qc, params.dim), params.dim, params.codec); }
 if (params.wm > 0) { float[] q = m3q(params.qm); float[] v = doc['colbert_mean'].value; tot += params.wm * m3dot(q, 0, v, q.length); }
 return m3pos(tot);
-"""
+"""  # noqa: E501 - Painless source
 
 
 _S_SHIFT = "double s = _score - 1.0; return s > 0 ? s * params.w : 0.0;"
@@ -299,7 +301,8 @@ def _sparse_query(sparse: dict[int, float] | None) -> tuple[list[int], list[floa
 def _packed_sparse(ids: np.ndarray, vals: np.ndarray) -> np.ndarray:
     keep = vals != 0
     bits = vals[keep].astype(np.float32).view(np.uint32).astype(np.int64)
-    return (ids[keep] << 32) | bits
+    packed: np.ndarray = (ids[keep] << 32) | bits
+    return packed
 
 
 def _source(record: Record, colbert_dtype: str) -> dict[str, Any]:
@@ -337,7 +340,8 @@ def _mean_direction(colbert: Any) -> np.ndarray:
     """The normalised mean of token vectors (the ``colbert_mean`` of a query)."""
     mean = np.asarray(colbert, np.float64).mean(axis=0)
     norm = float(np.linalg.norm(mean))
-    return (mean / norm if norm > 0 else mean).astype(np.float32)
+    direction: np.ndarray = (mean / norm if norm > 0 else mean).astype(np.float32)
+    return direction
 
 
 def _empty(route: str, value: Any) -> bool:
@@ -418,7 +422,9 @@ class OpenSearchAdapter(Adapter):
         if isinstance(exc, os_exc.NotFoundError) and "index_not_found" in str(exc):
             return self.not_found()
         if isinstance(exc, (os_exc.ConnectionError, os_exc.ConnectionTimeout)):
-            return BackendUnavailableError(f"OpenSearch at {self.url} is unreachable during {operation}: {one_line(exc)}")
+            return BackendUnavailableError(
+                f"OpenSearch at {self.url} is unreachable during {operation}: {one_line(exc)}"
+            )
         if isinstance(exc, (os_exc.AuthenticationException, os_exc.AuthorizationException)):
             return BackendUnavailableError(f"OpenSearch at {self.url} refused the credentials during {operation}")
         if isinstance(exc, os_exc.TransportError):
@@ -434,7 +440,8 @@ class OpenSearchAdapter(Adapter):
         if not self.client.indices.exists(index=self.index):
             return None
         mapping = self.client.indices.get_mapping(index=self.index)
-        body = next(iter(mapping.values()), {}).get("mappings", {})
+        first: dict[str, Any] = next(iter(mapping.values()), {})
+        body = first.get("mappings", {})
         meta = (body.get("_meta") or {}).get(_META_KEY)
         if not meta:
             raise SchemaMismatchError(
@@ -518,8 +525,10 @@ class OpenSearchAdapter(Adapter):
             retry=tenacity.retry_if_exception(_transient),
             wait=tenacity.wait_exponential(multiplier=self.retry_backoff, max=8.0),
             stop=tenacity.stop_after_attempt(self.max_retries + 1),
-            before_sleep=lambda state: _log.debug("OpenSearch %s retry %d after %s", what,
-                                                  state.attempt_number, state.outcome.exception() if state.outcome else None),
+            before_sleep=lambda state: _log.debug(
+                "OpenSearch %s retry %d after %s",
+                what, state.attempt_number, state.outcome.exception() if state.outcome else None,
+            ),
             reraise=True,
         )
         resp = retrying(self.client.bulk, body=body, index=self.index)
@@ -563,7 +572,9 @@ class OpenSearchAdapter(Adapter):
         failures = [f for r in results for f in r]
         if failures:
             shown = "; ".join(failures[:10]) + (f"; ... {len(failures) - 10} more" if len(failures) > 10 else "")
-            raise BackendError(f"OpenSearch rejected {len(failures)} document(s) in {what} into {self.index!r}: {shown}")
+            raise BackendError(
+                f"OpenSearch rejected {len(failures)} document(s) in {what} into {self.index!r}: {shown}"
+            )
 
     def upsert(self, records: Sequence[Record]) -> None:
         dtype = self._colbert_dtype()
@@ -616,7 +627,7 @@ class OpenSearchAdapter(Adapter):
         self._fresh()
         body = {"query": self._filtered(self._filters(flt)), "_source": False}
         batch: list[str] = []
-        only_ids = {"filter_path": ["_scroll_id", "_shards", "hits.hits._id"]}
+        only_ids: dict[str, Any] = {"filter_path": ["_scroll_id", "_shards", "hits.hits._id"]}
         for hit in os_helpers.scan(self.client, query=body, index=self.index, size=batch_size,
                                    scroll_kwargs=only_ids, **only_ids):
             batch.append(hit["_id"])
@@ -666,7 +677,9 @@ class OpenSearchAdapter(Adapter):
 
     # -- search -----------------------------------------------------------------------------
 
-    def _search(self, body: dict[str, Any], filter_path: str = "hits.hits._id,hits.hits._score,hits.hits.fields") -> list[dict[str, Any]]:
+    def _search(
+        self, body: dict[str, Any], filter_path: str = "hits.hits._id,hits.hits._score,hits.hits.fields"
+    ) -> list[dict[str, Any]]:
         self._fresh()
         body.setdefault("_source", False)
         resp = self.client.search(index=self.index, body=_dumps(body), filter_path=filter_path)

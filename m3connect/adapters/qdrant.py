@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from ..errors import BackendError, BackendUnavailableError, M3Error, MissingDependencyError, SchemaMismatchError
 from ..colbert_storage import require_dtype
+from ..errors import BackendError, BackendUnavailableError, M3Error, MissingDependencyError, SchemaMismatchError
 from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
@@ -63,11 +63,14 @@ def _condition(node: FilterNode) -> Any:
         key = f"metadata.{node.field}"
         if float_comparable(node.value):
             return models.FieldCondition(key=key, range=models.Range(gte=node.value, lte=node.value))
-        return models.FieldCondition(key=key, match=models.MatchValue(value=node.value))
+        # every float is float_comparable: what is left is a str, a bool or an int beyond 2**53
+        exact = cast("str | int | bool", node.value)
+        return models.FieldCondition(key=key, match=models.MatchValue(value=exact))
     if isinstance(node, In):
         values = list(node.values)
         if all(isinstance(v, str) for v in values):
-            return models.FieldCondition(key=f"metadata.{node.field}", match=models.MatchAny(any=values))
+            strings = cast("list[str]", values)
+            return models.FieldCondition(key=f"metadata.{node.field}", match=models.MatchAny(any=strings))
         return models.Filter(should=[_condition(Eq(node.field, v)) for v in values])
     if isinstance(node, Cmp):
         bound = {node.op[1:]: node.value}
@@ -99,9 +102,12 @@ class QdrantAdapter(Adapter):
         self._local = bool(location.embedded)  # local mode always searches exactly
         try:
             if location.embedded:
-                self.client = QdrantClient(location=":memory:") if location.path == ":memory:" else QdrantClient(path=location.path)
+                in_memory = location.path == ":memory:"
+                self.client = QdrantClient(location=":memory:") if in_memory else QdrantClient(path=location.path)
             else:
-                self.client = QdrantClient(url=location.url(6333), api_key=api_key, timeout=int(timeout), **client_options)
+                self.client = QdrantClient(
+                    url=location.url(6333), api_key=api_key, timeout=int(timeout), **client_options
+                )
                 self.client.get_collections()
         except Exception as exc:
             where = location.path or location.url(6333)
@@ -179,13 +185,17 @@ class QdrantAdapter(Adapter):
         self.client.upsert(self.collection, points=points, wait=True)  # errors: translate_error
 
     def delete(self, ids: Sequence[str]) -> None:
-        self.client.delete(self.collection, points_selector=models.PointIdsList(points=[point_id(i) for i in ids]), wait=True)
+        self.client.delete(
+            self.collection, points_selector=models.PointIdsList(points=[point_id(i) for i in ids]), wait=True
+        )
 
     def count(self) -> int:
         return int(self.client.count(self.collection, exact=True).count)
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
-        points = self.client.retrieve(self.collection, ids=[point_id(i) for i in ids], with_payload=["doc_id"], with_vectors=False)
+        points = self.client.retrieve(
+            self.collection, ids=[point_id(i) for i in ids], with_payload=["doc_id"], with_vectors=False
+        )
         return {p.payload["doc_id"] for p in points if p.payload}
 
     def iter_ids(self, flt: FilterNode | None, batch_size: int = 1000) -> Iterator[list[str]]:
@@ -204,7 +214,7 @@ class QdrantAdapter(Adapter):
                 return
 
     def fetch(self, ids: Sequence[str], *, fields: Collection[str] = ROUTES) -> dict[str, Record]:
-        names = [r for r in ROUTES if r in fields]
+        names: list[str] = [r for r in ROUTES if r in fields]
         out: dict[str, Record] = {}
         for chunk in self.batched(dict.fromkeys(ids), 256):
             points = self.client.retrieve(
@@ -217,7 +227,7 @@ class QdrantAdapter(Adapter):
                 if "dense" in names:
                     rec.dense = np.asarray(vec["dense"], np.float32)
                 if "sparse" in names:
-                    sparse = vec["sparse"]
+                    sparse = cast(models.SparseVector, vec["sparse"])
                     rec.sparse = dict(zip(sparse.indices, sparse.values))
                 if "colbert" in names:
                     rec.colbert = np.asarray(vec["colbert"], np.float32)

@@ -27,10 +27,11 @@ import threading
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from ..colbert_storage import require_dtype
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -39,7 +40,6 @@ from ..errors import (
     MissingDependencyError,
     SchemaMismatchError,
 )
-from ..colbert_storage import require_dtype
 from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
@@ -90,7 +90,8 @@ def compile_filter(node: FilterNode | None) -> Any:
 
 
 def _match_value(value: Any) -> Any:
-    return qe.MatchValue(np.bool_(value) if isinstance(value, bool) else value)
+    # qdrant_edge's stub says str | int | bool, but the binding takes numpy.bool_ (and reads it as a bool)
+    return qe.MatchValue(np.bool_(value) if isinstance(value, bool) else value)  # type: ignore[arg-type]
 
 
 def _condition(node: FilterNode) -> Any:
@@ -102,7 +103,7 @@ def _condition(node: FilterNode) -> Any:
     if isinstance(node, In):
         values = list(node.values)
         if all(isinstance(v, str) for v in values):
-            return qe.FieldCondition(f"metadata.{node.field}", match=qe.MatchAny(values))
+            return qe.FieldCondition(f"metadata.{node.field}", match=qe.MatchAny(cast("list[str]", values)))
         return qe.Filter(should=[_condition(Eq(node.field, v)) for v in values])
     if isinstance(node, Cmp):
         bound = {node.op[1:]: float(node.value)}
@@ -187,7 +188,8 @@ def _release(directory: Path, *, force: bool = False) -> None:
 
 
 def _edge_config(spec: CollectionSpec, wal: bool = True) -> Any:
-    colbert_type = qe.VectorStorageDatatype.Float16 if spec.colbert_dtype == "float16" else qe.VectorStorageDatatype.Float32
+    storage = qe.VectorStorageDatatype
+    colbert_type = storage.Float16 if spec.colbert_dtype == "float16" else storage.Float32
     return qe.EdgeConfig(
         vectors={
             "dense": qe.EdgeVectorParams(size=spec.dense_dim, distance=qe.Distance.Dot),

@@ -25,10 +25,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
+from ..defaults import DEFAULT_WEIGHTS
 from ..errors import InvalidInputError, MissingDependencyError
 from ..store import M3Store, connect
 from ..types import Vectors
@@ -61,7 +62,6 @@ __all__ = [
     "resolve_weights",
 ]
 
-DEFAULT_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
 #: Named retrieval modes accepted wherever ``weights`` are: ``(dense, sparse, colbert)``.
 RETRIEVAL_MODES: dict[str, tuple[float, float, float]] = {
     "dense": (1.0, 0.0, 0.0),
@@ -124,7 +124,8 @@ class M3DenseEmbeddings(Embeddings):
             list(texts), max_length=self.max_length, return_sparse=False, return_colbert=False, show_progress=False
         )
         assert out.dense is not None
-        return out.dense.astype(float).tolist()
+        vectors: list[list[float]] = out.dense.astype(float).tolist()
+        return vectors
 
     def embed_query(self, text: str) -> list[float]:
         return self.embed_documents([text])[0]
@@ -165,7 +166,7 @@ class M3SparseEmbeddings:
 
 
 try:  # langchain_qdrant's own SparseVector when available, else a look-alike
-    from langchain_qdrant import SparseVector  # type: ignore[import-not-found]
+    from langchain_qdrant import SparseVector
 except Exception:  # noqa: BLE001 - any import failure means "not installed"
 
     @dataclass
@@ -201,13 +202,13 @@ class M3QdrantSparseEmbeddings:
 
 def _register_virtual_subclasses() -> None:
     try:
-        from langchain_milvus.utils.sparse import BaseSparseEmbedding  # type: ignore[import-not-found]
+        from langchain_milvus.utils.sparse import BaseSparseEmbedding
 
         BaseSparseEmbedding.register(M3SparseEmbeddings)
     except Exception:  # noqa: BLE001, S110 - optional package
         pass
     try:
-        from langchain_qdrant import SparseEmbeddings  # type: ignore[import-not-found]
+        from langchain_qdrant import SparseEmbeddings
 
         SparseEmbeddings.register(M3QdrantSparseEmbeddings)
     except Exception:  # noqa: BLE001, S110 - optional package
@@ -251,7 +252,11 @@ class M3VectorStore(VectorStore):
     @property
     def embeddings(self) -> M3DenseEmbeddings | None:
         encoder = self.store.encoder
-        return None if encoder is None else M3DenseEmbeddings(encoder, max_length=self.store.max_length)
+        # M3DenseEmbeddings passes return_sparse/return_colbert, which M3Encoder, OnnxM3Encoder and
+        # RemoteEncoder take but the Encoder protocol does not declare
+        if encoder is None:
+            return None
+        return M3DenseEmbeddings(cast("M3Encoder", encoder), max_length=self.store.max_length)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -260,7 +265,7 @@ class M3VectorStore(VectorStore):
         texts: Iterable[str],
         metadatas: list[dict[str, Any]] | None = None,
         *,
-        ids: list[str | None] | None = None,
+        ids: Sequence[str | None] | None = None,
         **kwargs: Any,
     ) -> list[str]:
         """Encode and upsert texts; a missing id (``None``) derives from the content."""
@@ -274,14 +279,15 @@ class M3VectorStore(VectorStore):
             metas = metadatas if metadatas is not None else [None] * len(texts)
             items = [{"text": t, "id": i, "metadata": m} for t, i, m in zip(texts, ids, metas)]
             return self.store.add(items, **kwargs)
-        return self.store.add(texts, ids=ids, metadata=metadatas, **kwargs)  # type: ignore[arg-type]
+        no_none = cast("Sequence[str] | None", ids)  # all ids given, or none
+        return self.store.add(texts, ids=no_none, metadata=metadatas, **kwargs)
 
     async def aadd_texts(
         self,
         texts: Iterable[str],
         metadatas: list[dict[str, Any]] | None = None,
         *,
-        ids: list[str | None] | None = None,
+        ids: Sequence[str | None] | None = None,
         **kwargs: Any,
     ) -> list[str]:
         return await run_in_executor(None, self.add_texts, list(texts), metadatas, ids=ids, **kwargs)
@@ -389,7 +395,8 @@ class M3VectorStore(VectorStore):
         stored = {d.id: d.vectors.dense for d in self.store.get([h.id for h in hits], vectors=("dense",)) if d.vectors}
         hits = [h for h in hits if stored.get(h.id) is not None]
         vectors = [np.asarray(stored[h.id], np.float32) for h in hits]
-        chosen = maximal_marginal_relevance(np.asarray(query_dense, np.float32), vectors, lambda_mult, k)
+        # langchain types the list as list[list[float]]; it only hands it to numpy, so arrays do
+        chosen = maximal_marginal_relevance(np.asarray(query_dense, np.float32), vectors, lambda_mult, k)  # type: ignore[arg-type]
         return [_to_document(hits[i]) for i in chosen]
 
     async def amax_marginal_relevance_search(
@@ -439,7 +446,7 @@ class M3VectorStore(VectorStore):
         store = connect(uri, collection, encoder, **connect_options)
         vs = cls(store, weights=weights, retrieval_mode=retrieval_mode)
         if texts:
-            vs.add_texts(texts, metadatas, ids=ids)  # type: ignore[arg-type]
+            vs.add_texts(texts, metadatas, ids=ids)
         return vs
 
     @classmethod
@@ -493,7 +500,7 @@ class M3Retriever(BaseRetriever):
             k=k,
             weights=resolve_weights(overrides.get("weights", self.weights)),
             filter=overrides.get("filter", self.filter),
-            fusion=overrides.get("fusion", self.fusion),  # type: ignore[arg-type]
+            fusion=overrides.get("fusion", self.fusion),
             candidate_depth=overrides.get("candidate_depth", self.candidate_depth),
         )
         docs = []

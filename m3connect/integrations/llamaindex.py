@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..defaults import DEFAULT_WEIGHTS
 from ..errors import FilterError, InvalidInputError, MissingDependencyError
 from ..store import M3Store
 from ..types import Vectors
@@ -75,7 +76,7 @@ __all__ = [
     "DEFAULT_HYBRID_WEIGHTS",
 ]
 
-DEFAULT_HYBRID_WEIGHTS: tuple[float, float, float] = (0.4, 0.2, 0.4)
+DEFAULT_HYBRID_WEIGHTS: tuple[float, float, float] = DEFAULT_WEIGHTS
 _SCAN_BATCH = 1000  # ids per round trip of M3Store.ids / M3Store.clear (an engine cursor, no cap)
 
 _RANGE = {
@@ -115,7 +116,7 @@ def metadata_filters_to_m3(filters: MetadataFilters | None) -> dict[str, Any] | 
             if sub is not None:
                 parts.append(sub)
         else:
-            parts.append(_one_filter(f))  # type: ignore[arg-type]
+            parts.append(_one_filter(f))
     if not parts:
         return None
     condition = FilterCondition(filters.condition or FilterCondition.AND)
@@ -261,7 +262,7 @@ class M3LlamaVectorStore(BasePydanticVectorStore):
 
             node = parse_filter(flt)
             return [
-                _node_from_hit(_doc_hit(d)) for d in docs if matches(node, d.metadata)  # type: ignore[arg-type]
+                _node_from_hit(_doc_hit(d)) for d in docs if matches(node, d.metadata)
             ]
         ids = self._ids_matching(flt)
         return [_node_from_hit(_doc_hit(d)) for d in self._store.get(ids)]
@@ -398,7 +399,8 @@ class M3LlamaEmbedding(BaseEmbedding):
         out = self._encoder.encode(
             texts, max_length=self.max_length, return_sparse=False, return_colbert=False, show_progress=False
         )
-        return out.dense.astype(float).tolist()
+        vectors: list[list[float]] = out.dense.astype(float).tolist()
+        return vectors
 
     def _get_query_embedding(self, query: str) -> list[float]:
         return self._dense([query])[0]

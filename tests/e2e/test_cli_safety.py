@@ -51,7 +51,9 @@ def test_ingest_then_drop_with_confirmation(tmp_path, capsys, tiny_checkpoint, m
 def test_an_input_with_nothing_to_ingest_creates_nothing(tmp_path, capsys, tiny_checkpoint) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, err = _run(capsys, "ingest", str(empty), "--uri", f"qdrant://{tmp_path}/q", "--model", str(tiny_checkpoint))
+    code, _, err = _run(
+        capsys, "ingest", str(empty), "--uri", f"qdrant://{tmp_path}/q", "--model", str(tiny_checkpoint)
+    )
     assert code == 1 and "no collection was created" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")

@@ -23,7 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def _load(name: str) -> dict[str, Any]:
     return yaml.safe_load((DOCKER / name).read_text(encoding="utf-8"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _schema() -> dict[str, Any]:
     return json.loads(SCHEMA.read_text(encoding="utf-8"))
 
@@ -329,13 +329,13 @@ def test_demo_sample_data_is_in_the_image() -> None:
 
 
 def test_demo_cli_options_exist() -> None:
-    cli = REPO / "m3connect" / "cli.py"
+    cli = REPO / "m3connect" / "cli" / "parser.py"
     if not cli.exists():
-        pytest.skip("m3connect/cli.py not in the repository yet")
+        pytest.skip("m3connect/cli/parser.py not in the repository yet")
     text = cli.read_text(encoding="utf-8")
     for token in ("ingest", "search", "serve", "--uri", "--collection", "--model", "-k", "--host", "--port",
                   "--device"):
-        assert re.search(rf"['\"]{re.escape(token)}['\"]", text), f"cli.py has no {token!r}"
+        assert re.search(rf"['\"]{re.escape(token)}['\"]", text), f"cli/parser.py has no {token!r}"
 
 
 def test_images_are_pinned() -> None:
@@ -370,7 +370,8 @@ def test_database_services_have_healthchecks_and_named_volumes() -> None:
         "etcd": "service_healthy",
         "minio": "service_healthy",
     }
-    assert "_cluster/health" in " ".join(_load("compose.opensearch.yml")["services"]["opensearch"]["healthcheck"]["test"])
+    healthcheck = _load("compose.opensearch.yml")["services"]["opensearch"]["healthcheck"]
+    assert "_cluster/health" in " ".join(healthcheck["test"])
 
 
 def test_opensearch_settings() -> None:
@@ -494,7 +495,9 @@ def test_encoder_checks_catch_mistakes() -> None:
         lambda svc: svc.pop("healthcheck"),
         lambda svc: svc["healthcheck"].update(disable=True),
         lambda svc: svc["healthcheck"].update(test=["CMD", "curl", "-f", "http://127.0.0.1:8080/readyz"]),
-        lambda svc: svc["healthcheck"].update(test=["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen("]),
+        lambda svc: svc["healthcheck"].update(
+            test=["CMD", "python", "-c", "import urllib.request; urllib.request.urlopen("]
+        ),
         lambda svc: svc["healthcheck"].update(start_period="10s"),
     ]
     for breaks in broken_checks:

@@ -12,8 +12,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 EXAMPLES = {
-    "langchain_retriever.py": ("langchain_core", ["indexed 40 documents", "similarity_search_with_score", "M3Retriever", "dense="]),
-    "llamaindex_query.py": ("llama_index.core", ["indexed 40 nodes", "mode=default:", "mode=sparse:", "mode=hybrid:", "M3LlamaRetriever"]),
+    "langchain_retriever.py": (
+        "langchain_core", ["indexed 40 documents", "similarity_search_with_score", "M3Retriever", "dense="]
+    ),
+    "llamaindex_query.py": (
+        "llama_index.core", ["indexed 40 nodes", "mode=default:", "mode=sparse:", "mode=hybrid:", "M3LlamaRetriever"]
+    ),
 }
 
 

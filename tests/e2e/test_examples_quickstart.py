@@ -30,7 +30,8 @@ def _check_search_output(out: str) -> None:
     lines = out.splitlines()
     assert any(line.startswith("hybrid search, weights (0.4, 0.2, 0.4)") for line in lines), out
     assert any(line.startswith("filtered search, lang == 'de'") for line in lines), out
-    headers = [i for i, line in enumerate(lines) if line.split()[:6] == ["rank", "id", "score", "dense", "sparse", "colbert"]]
+    columns = ["rank", "id", "score", "dense", "sparse", "colbert"]
+    headers = [i for i, line in enumerate(lines) if line.split()[:6] == columns]
     assert len(headers) == 2
     hybrid = lines[headers[0] + 1: headers[0] + 6]
     assert [line.split()[0] for line in hybrid] == ["1", "2", "3", "4", "5"]

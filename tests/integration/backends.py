@@ -29,8 +29,10 @@ def backend_params() -> list:
         pytest.param(("qdrant-edge", None), id="qdrant-edge"),
     ]
     if os.environ.get("M3_MILVUS_URI"):
-        params.append(pytest.param(("milvus-server", _server_uri("milvus", os.environ["M3_MILVUS_URI"])), id="milvus-server"))
+        uri = _server_uri("milvus", os.environ["M3_MILVUS_URI"])
+        params.append(pytest.param(("milvus-server", uri), id="milvus-server"))
     if os.environ.get("M3_QDRANT_URL"):
-        params.append(pytest.param(("qdrant-server", _server_uri("qdrant", os.environ["M3_QDRANT_URL"])), id="qdrant-server"))
+        uri = _server_uri("qdrant", os.environ["M3_QDRANT_URL"])
+        params.append(pytest.param(("qdrant-server", uri), id="qdrant-server"))
     params.append(pytest.param(("opensearch", None), id="opensearch", marks=pytest.mark.opensearch))
     return params

@@ -13,8 +13,6 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 import m3connect
 from m3connect import M3Store
 
@@ -65,10 +63,10 @@ CASES: list[Case] = [
     ("meta inf", lambda s: s.add(["t"], ids=["x"], metadata=[{"k": math.inf}]), m3connect.InvalidInputError, "'k'"),
     ("meta dotted key", lambda s: s.add(["t"], ids=["x"], metadata=[{"a.b": 1}]), m3connect.InvalidInputError, "a.b"),
     ("meta quote key", lambda s: s.add(["t"], ids=["x"], metadata=[{'a"b': 1}]), m3connect.InvalidInputError, "key"),
-    ("meta $ key", lambda s: s.add(["t"], ids=["x"], metadata=[{"$where": 1}]), m3connect.InvalidInputError, r"\$where"),
+    ("meta $ key", lambda s: s.add(["t"], ids=["x"], metadata=[{"$where": 1}]), m3connect.InvalidInputError, r"\$where"),  # noqa: E501
     ("meta empty key", lambda s: s.add(["t"], ids=["x"], metadata=[{"": 1}]), m3connect.InvalidInputError, "key"),
     ("meta int key", lambda s: s.add(["t"], ids=["x"], metadata=[{1: 1}]), m3connect.InvalidTypeError, "key"),
-    ("meta not a dict", lambda s: s.add(["t"], ids=["x"], metadata=["lang=en"]), m3connect.InvalidTypeError, "metadata"),
+    ("meta not a dict", lambda s: s.add(["t"], ids=["x"], metadata=["lang=en"]), m3connect.InvalidTypeError, "metadata"),  # noqa: E501
     # a bad item late in a batch: nothing of that batch is written
     ("bad 2nd item", lambda s: s.add(["fine", "t"], ids=["new", "x"], metadata=[{}, {"k": {1}}]),
      m3connect.InvalidTypeError, r"metadata\[1\]"),

@@ -164,3 +164,10 @@ def test_every_engine_has_a_translator() -> None:
             method = getattr(adapter_cls, name)
             assert getattr(method, "_m3_translated", False) or method is getattr(Adapter, name), (cls, name)
     assert backend_params()  # the engines above are the ones the conformance suite runs
+
+
+@pytest.mark.parametrize("uri", ["milvus:///{tmp}/m.db", "qdrant:///{tmp}/q", "qdrant+local:///{tmp}/ql", "qdrant://:memory:"])
+def test_unknown_options_are_refused_by_name(uri: str, tmp_path: Path, encoder) -> None:
+    with pytest.raises(m3connect.InvalidInputError, match="timeuot"):
+        m3connect.connect(uri.format(tmp=tmp_path), collection="docs", encoder=encoder, timeuot=5)
+    assert list(tmp_path.iterdir()) == []

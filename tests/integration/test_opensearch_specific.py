@@ -455,7 +455,9 @@ def test_engine_fusion_and_rrf(filled, fusion):
     assert all(set(h.scores) == {"dense", "sparse", "colbert"} for h in hits)
     if fusion == "engine":  # all 24 documents are in the window: the same ranking as exact (up to ties)
         np.testing.assert_allclose([h.score for h in hits], [h.score for h in exact], atol=1e-5)
-        np.testing.assert_allclose([h.score for h in hits], [combine(h.scores, (0.4, 0.2, 0.4)) for h in hits], atol=1e-5)
+        np.testing.assert_allclose(
+            [h.score for h in hits], [combine(h.scores, (0.4, 0.2, 0.4)) for h in hits], atol=1e-5
+        )
     else:  # client-side RRF (k=60) over the route lists
         q = store.encoder.encode_one("vector databases and more")
         depth = 100

@@ -35,7 +35,8 @@ def test_add_vectors_then_exact_search_equals_brute_force(store_factory) -> None
     store = store_factory(encoder=None, spec=SPEC)
     docs = _corpus(60)
     ids = [f"v{i}" for i in range(len(docs))]
-    assert store.add_vectors(docs, texts=[f"text {i}" for i in ids], ids=ids, metadata=[{"i": i} for i in range(60)]) == ids
+    metadata = [{"i": i} for i in range(60)]
+    assert store.add_vectors(docs, texts=[f"text {i}" for i in ids], ids=ids, metadata=metadata) == ids
     assert store.count() == 60
     query = _corpus(1, seed=9)[0]
     for weights in [(1, 0, 0), (0.4, 0.2, 0.4), (0, 0, 1), (0.8, 0.1, 0.1)]:

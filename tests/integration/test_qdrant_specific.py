@@ -183,7 +183,8 @@ def test_edge_fetch_moves_only_named_vectors_and_keeps_float16(tmp_path) -> None
     assert list(bare) == ["a"] and bare["a"].text == "x" and bare["a"].metadata == {"k": 1}
     assert bare["a"].dense is None and bare["a"].sparse is None and bare["a"].colbert is None
     only_sparse = store.adapter.fetch(["b"], fields=("sparse",))["b"]
-    assert only_sparse.sparse == pytest.approx(vecs[1].sparse) and only_sparse.dense is None and only_sparse.colbert is None
+    assert only_sparse.sparse == pytest.approx(vecs[1].sparse)
+    assert only_sparse.dense is None and only_sparse.colbert is None
     full = store.adapter.fetch(["c"])["c"]
     np.testing.assert_allclose(full.dense, vecs[2].dense, rtol=1e-6)
     np.testing.assert_array_equal(full.colbert, vecs[2].colbert.astype(np.float16).astype(np.float32))
