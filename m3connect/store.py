@@ -30,7 +30,17 @@ from .errors import CollectionNotFoundError, InvalidInputError, InvalidTypeError
 from .filters import parse_filter
 from .ingestion import IngestReport, _records_from, _write_batches, document_id
 from .types import Document, Hit, Vectors
-from .uri import ParsedURI, ReadWriteLock, _adapter_class, _adapter_key, _lock_for, _NoLock, check_options, parse_uri, safe_uri
+from .uri import (
+    ParsedURI,
+    ReadWriteLock,
+    _adapter_class,
+    _adapter_key,
+    _lock_for,
+    _NoLock,
+    check_options,
+    parse_uri,
+    safe_uri,
+)
 from .uri import _load_adapter as _load_adapter  # connect() looks it up here: tests patch store._load_adapter
 from .uri import _with_credentials as _with_credentials  # distributed.py imports it from here
 from .validation import _MAX_K, _check_batch_size, _check_ids, _check_routes, _check_text, _check_vectors

@@ -12,10 +12,10 @@ import importlib
 import inspect
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from .adapters.base import Adapter
@@ -186,13 +186,15 @@ def _load_adapter(location: ParsedURI, collection: str, options: dict[str, Any])
     check_options(location, options)
     secrets = _secrets(options)
     try:
-        adapter: Adapter = cls(location, collection, **options)
+        # every engine adapter takes (location, collection, **options); the base class only (collection)
+        factory = cast(Callable[..., Adapter], cls)
+        adapter = factory(location, collection, **options)
     except TypeError as exc:
         if "unexpected keyword argument" not in str(exc):
             raise
         raise InvalidInputError(f"{cls.engine} does not take the option {str(exc).rpartition(' ')[2]}") from None
     except M3Error as exc:
-        raise redact_error(exc, secrets)
+        raise redact_error(exc, secrets)  # noqa: B904 - the same exception, redacted in place
     adapter.secrets = secrets
     return adapter
 

@@ -16,4 +16,4 @@ run() {
 }
 : >"$log"
 run .venv/bin/python -m pip install -q --upgrade pip
-run .venv/bin/python -m pip install -q -e '.[dev]'
+run .venv/bin/python -m pip install -q -e '.[dev]' -c scripts/constraints.txt

@@ -122,7 +122,7 @@ def _load_encoder(args: argparse.Namespace) -> Any:
         try:  # transformers' "Loading weights" bar
             from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+            hf_logging.disable_progress_bar()
         except Exception:  # pragma: no cover - cosmetic only
             pass
     kwargs: dict[str, Any] = {"device": args.device, "dtype": args.dtype, "show_progress": False}
