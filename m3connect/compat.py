@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import scoring
+from .defaults import DEFAULT_MODEL
 from .errors import InvalidInputError, InvalidTypeError, M3Error, MissingDependencyError
 from .protocols import Encoder
 from .types import EncodeOutput
@@ -76,7 +77,7 @@ def _one_device(device: Any, devices: Any) -> Any:
 
 
 def load_encoder(
-    model_name_or_encoder: Any = "BAAI/bge-m3",
+    model_name_or_encoder: Any = DEFAULT_MODEL,
     *,
     device: Any = None,
     use_fp16: bool = False,
@@ -287,7 +288,7 @@ class BGEM3EmbeddingFunction(_EncoderFront):
 
     def __init__(
         self,
-        model_name_or_encoder: Any = "BAAI/bge-m3",
+        model_name_or_encoder: Any = DEFAULT_MODEL,
         batch_size: int | None = None,
         device: Any = None,
         normalize_embeddings: bool = True,
@@ -305,7 +306,7 @@ class BGEM3EmbeddingFunction(_EncoderFront):
         **kwargs: Any,
     ) -> None:
         if model_name is not None:
-            if model_name_or_encoder != "BAAI/bge-m3":
+            if model_name_or_encoder != DEFAULT_MODEL:
                 raise InvalidInputError("pass the model once: model_name_or_encoder or model_name")
             model_name_or_encoder = model_name
         if not (return_dense or return_sparse or return_colbert_vecs):
@@ -428,7 +429,7 @@ class FlagStyleM3(_EncoderFront):
 
     def __init__(
         self,
-        model_name_or_encoder: Any = "BAAI/bge-m3",
+        model_name_or_encoder: Any = DEFAULT_MODEL,
         *,
         normalize_embeddings: bool = True,
         use_fp16: bool = True,
@@ -448,7 +449,7 @@ class FlagStyleM3(_EncoderFront):
         **kwargs: Any,
     ) -> None:
         if model_name_or_path is not None:
-            if model_name_or_encoder != "BAAI/bge-m3":
+            if model_name_or_encoder != DEFAULT_MODEL:
                 raise InvalidInputError("pass the model once: model_name_or_encoder or model_name_or_path")
             model_name_or_encoder = model_name_or_path
         device = _one_device(device, devices)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .adapters.base import CollectionSpec
+from .defaults import DEFAULT_MODEL
 from .errors import IngestError, InvalidInputError, M3Error, MissingDependencyError, SchemaMismatchError
 
 __all__ = ["ingest", "DistributedReport", "EncoderFactory"]
@@ -550,7 +551,7 @@ def ingest(
     *,
     uri: str,
     collection: str = "m3connect",
-    model: Any = "BAAI/bge-m3",
+    model: Any = DEFAULT_MODEL,
     encoder_options: Mapping[str, Any] | None = None,
     encoders: int | None = None,
     writers: int | None = None,

@@ -31,7 +31,14 @@ class Encoder(Protocol):
     def colbert_dim(self) -> int: ...
 
     def encode(
-        self, texts: Sequence[str], *, max_length: int | None = None, show_progress: bool | None = None
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        return_dense: bool = True,
+        return_sparse: bool = True,
+        return_colbert: bool = True,
+        show_progress: bool | None = None,
     ) -> EncodeOutput: ...
 
     def encode_one(self, text: str, *, max_length: int | None = None) -> Vectors: ...
