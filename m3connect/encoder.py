@@ -65,7 +65,6 @@ _CPU_MIN_TOKEN_BUDGET = 512
 _COMPILE_WIDTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 _COMPILE_RECOMPILE_LIMIT = 64
 # Below this many texts the progress bar stays hidden unless asked for.
-_PROGRESS_MIN_TEXTS = 256
 
 
 def _resolve_checkpoint(name_or_path: str | os.PathLike[str], cache_dir: str | None) -> Path:
@@ -307,7 +306,7 @@ class M3Encoder:
             dynamically.
         max_length: default token limit per text (CLS and EOS included), at most 8192.
         tokens_per_batch: padded-token budget of one forward pass (default per device).
-        show_progress: ``None`` shows a bar for long jobs only; ``False`` never.
+        show_progress: ``True`` draws progress bars; library code stays quiet by default.
         cache_dir: hub download cache.
         compile: run the backbone through ``torch.compile`` (static shapes: each batch is padded
             to a length bucket and a power-of-two row count, and every new shape compiles once,
@@ -755,7 +754,7 @@ class M3Encoder:
             total=n,
             desc="Encoding",
             unit="text",
-            disable=(progress is False) or (progress is None and n < _PROGRESS_MIN_TEXTS),
+            disable=not progress,  # a library draws nothing unless asked
         )
         pipelined = self.device.type == "cuda" and self._pipeline
 
