@@ -38,6 +38,7 @@ from .uri import (
     _lock_for,
     _NoLock,
     check_options,
+    location_of_client,
     parse_uri,
     safe_uri,
 )
@@ -69,6 +70,7 @@ class M3Store:
         *,
         candidate_depth: int | None = None,
         max_length: int | None = None,
+        query_max_length: int | None = None,
         pending_spec: CollectionSpec | None = None,
         engine: str = "",
         collection: str = "",
@@ -89,7 +91,8 @@ class M3Store:
         self._lock = lock or _NoLock()
         self.encoder = encoder
         self.candidate_depth = candidate_depth
-        self.max_length = max_length
+        self.max_length = max_length  # tokens per document (None: the encoder's own limit)
+        self.query_max_length = query_max_length  # tokens per query (None: as documents)
         #: what the last search did (:class:`~m3connect.fusion.QueryStats`)
         self.last_query_stats = _fusion.QueryStats()
 
@@ -390,7 +393,7 @@ class M3Store:
         """
         _check_text(query, "query", True)
         encoder = self._require_encoder()
-        q = encoder.encode_one(query, max_length=self.max_length)
+        q = encoder.encode_one(query, max_length=self.query_max_length or self.max_length)
         return self.search_by_vectors(
             q, k=k, weights=weights, filter=filter, fusion=fusion,
             candidate_depth=candidate_depth, candidate_routes=candidate_routes,
@@ -477,7 +480,7 @@ class M3Store:
 
 
 def connect(
-    uri: str,
+    uri: str | Any,
     collection: str = "m3connect",
     encoder: Encoder | str | None = None,
     *,
@@ -485,6 +488,7 @@ def connect(
     colbert_pool_factor: int | None = None,
     candidate_depth: int | None = None,
     max_length: int | None = None,
+    query_max_length: int | None = None,
     spec: CollectionSpec | None = None,
     **options: Any,
 ) -> M3Store:
@@ -495,7 +499,9 @@ def connect(
 
     Args:
         uri: ``milvus:///abs/m3.db``, ``milvus://host:19530``, ``qdrant://:memory:``,
-            ``qdrant:///abs/dir``, ``qdrant://host:6333``, ``opensearch://host:9200``.
+            ``qdrant:///abs/dir``, ``qdrant://host:6333``, ``opensearch://host:9200``; or your own
+            ``MilvusClient``, ``QdrantClient`` or ``OpenSearch`` client, which m3connect uses as
+            it is and never closes.
         collection: collection (index) name.
         encoder: the encoder whose vectors the collection holds: an :class:`~m3connect.M3Encoder`,
             a :class:`~m3connect.RemoteEncoder`, or the URL of an ``m3connect serve`` server.
@@ -509,6 +515,8 @@ def connect(
             a reopen uses what the collection stores; given, they must match it
             (``SchemaMismatchError`` otherwise).
         candidate_depth: candidates per route for exact fusion.
+        max_length / query_max_length: token limits for documents and for queries (as
+            FlagEmbedding's ``passage_max_length``/``query_max_length``; default: the encoder's).
         spec: without an encoder, the :class:`CollectionSpec` to create the collection
             with, for :meth:`M3Store.add_vectors` of precomputed vectors (``colbert_dtype`` and
             ``colbert_pool_factor``, when given, replace the spec's).
@@ -522,8 +530,13 @@ def connect(
         if not is_remote_model(encoder):
             raise InvalidInputError(f"encoder={encoder!r}: pass an encoder object, or an http(s):// server URL")
         encoder = RemoteEncoder(encoder)
-    location = parse_uri(uri)
-    options = _with_credentials(location, options)
+    if isinstance(uri, str):
+        location = parse_uri(uri)
+        options = _with_credentials(location, options)
+    else:  # the user's own client object
+        location = location_of_client(uri)
+        options = {**options, "client": uri}
+        uri = f"{location.engine} client"
     storage: dict[str, Any] = {
         name: value for name, value in (("colbert_dtype", colbert_dtype), ("colbert_pool_factor", colbert_pool_factor))
         if value is not None
@@ -549,7 +562,8 @@ def connect(
     if spec is not None:
         _adapter_class(location).check_spec(location, spec)
     check_options(location, options)  # before anything opens: a lazy store would only fail at its first write
-    missing_file = location.embedded and location.path != ":memory:" and not Path(location.path or "").exists()
+    missing_file = (location.embedded and location.path != ":memory:" and location.transport != "client"
+                    and not Path(location.path or "").exists())
     if missing_file:  # nothing on disk yet: open the engine only when something is written
         if spec is None:
             raise CollectionNotFoundError(
@@ -557,7 +571,8 @@ def connect(
             )
         return M3Store(
             lambda: _load_adapter(location, collection, options), encoder, candidate_depth=candidate_depth,
-            max_length=max_length, pending_spec=spec, engine=engine, collection=collection,
+            max_length=max_length, query_max_length=query_max_length, pending_spec=spec, engine=engine,
+            collection=collection,
             lock=_lock_for(location),
         )
     adapter = _load_adapter(location, collection, options)
@@ -570,7 +585,7 @@ def connect(
                     "pass an encoder (or spec=) and add documents to create it"
                 )
             return M3Store(adapter, encoder, candidate_depth=candidate_depth, max_length=max_length,
-                           pending_spec=spec, lock=_lock_for(location))
+                           query_max_length=query_max_length, pending_spec=spec, lock=_lock_for(location))
         if spec is not None:
             _check_compatible(collection, existing, spec, asked)
         elif asked:
@@ -580,7 +595,7 @@ def connect(
         adapter.close()
         raise
     return M3Store(adapter, encoder, candidate_depth=candidate_depth, max_length=max_length,
-                   lock=_lock_for(location))
+                   query_max_length=query_max_length, lock=_lock_for(location))
 
 
 _STORAGE_FIELDS = ("colbert_dtype", "colbert_pool_factor")

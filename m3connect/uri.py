@@ -122,7 +122,7 @@ def parse_uri(uri: str) -> ParsedURI:
 def _adapter_key(location: ParsedURI) -> str:
     """Which adapter serves a location: embedded Qdrant directories go to Qdrant Edge,
     except ``qdrant+local://`` and directories that qdrant-client's local mode wrote."""
-    if location.engine != "qdrant" or not location.embedded or location.transport == "local":
+    if location.engine != "qdrant" or not location.embedded or location.transport in ("local", "client"):
         return location.engine
     if (Path(location.path or "") / _QDRANT_LOCAL_MARKER).exists():
         return "qdrant"
@@ -130,6 +130,30 @@ def _adapter_key(location: ParsedURI) -> str:
 
 
 _QDRANT_LOCAL_MARKER = "meta.json"  # qdrant-client's local mode keeps its catalogue there
+
+
+def location_of_client(client: Any) -> ParsedURI:
+    """Where a user's own client object points: a ``pymilvus.MilvusClient``, a
+    ``qdrant_client.QdrantClient`` (local or remote) or an ``opensearchpy.OpenSearch``.
+    m3connect then neither creates nor closes that client."""
+    kind = f"{type(client).__module__.partition('.')[0]}.{type(client).__name__}"
+    if kind == "pymilvus.MilvusClient":
+        lite = str(client.get_server_version()).startswith("milvus_lite")
+        if lite:
+            return ParsedURI("milvus", path=f"client:{id(client)}", transport="client")
+        return ParsedURI("milvus", host="client", transport="client")
+    if kind == "qdrant_client.QdrantClient":
+        inner = getattr(client, "_client", None)
+        if type(inner).__name__ == "QdrantLocal":
+            return ParsedURI("qdrant", path=f"client:{id(client)}", transport="client")
+        return ParsedURI("qdrant", host="client", transport="client")
+    if kind == "opensearchpy.OpenSearch":
+        hosts = getattr(client.transport, "hosts", None) or [{}]
+        return ParsedURI("opensearch", host=str(hosts[0].get("host", "client")), port=hosts[0].get("port"),
+                         transport="client")
+    raise InvalidTypeError(
+        f"uri must be a store URI or a MilvusClient, QdrantClient or OpenSearch client, got {type(client).__name__}"
+    )
 
 
 _SECRET_OPTIONS = ("password", "api_key", "token")

@@ -277,10 +277,15 @@ class MilvusAdapter(Adapter):
     exact_routes = frozenset({"dense", "sparse"})
 
     def __init__(self, location: Any, collection: str, *, token: str = "", user: str = "",
-                 password: str = "", timeout: float = 30.0, **client_options: Any) -> None:
+                 password: str = "", timeout: float = 30.0, client: Any = None, **client_options: Any) -> None:
         super().__init__(collection)
         self.lite = location.embedded
         self.colbert_collection = f"{collection}__colbert"
+        self._owns_client = client is None
+        if client is not None:  # the user's MilvusClient: used as it is, never closed here
+            self.client = client
+            self.client_uri = location.path or ""
+            return
         uri = self.client_uri = location.path if location.embedded else location.url(19530)
         try:
             self.client = MilvusClient(
@@ -795,6 +800,8 @@ class MilvusAdapter(Adapter):
         if getattr(self, "_closed", False):
             return
         self._closed = True
+        if not self._owns_client:
+            return
         self.client.close()
         if self.lite:  # the last adapter of a Lite file releases it (see _LITE_OPEN)
             _lite_release(os.path.abspath(self.client_uri))

@@ -382,8 +382,10 @@ class OpenSearchAdapter(Adapter):
                  ef_construction: int = 128, m: int = 16, refresh_interval: str = "-1",
                  bulk_concurrency: int = 2, engine_prefetch: float = 4.0, engine_window: float = 1.5,
                  search_concurrency: int = 2, ef_search: int = 100, colbert_bruteforce: bool = False,
-                 max_retries: int = 4, retry_backoff: float = 0.5, **client_options: Any) -> None:
+                 max_retries: int = 4, retry_backoff: float = 0.5, client: Any = None,
+                 **client_options: Any) -> None:
         super().__init__(collection)
+        self._owns_client = client is None
         self.max_retries = max(0, int(max_retries))
         self.retry_backoff = max(0.0, float(retry_backoff))
         self.colbert_bruteforce = bool(colbert_bruteforce)
@@ -404,7 +406,8 @@ class OpenSearchAdapter(Adapter):
         auth = (user, password or "") if user is not None else None
         self._dirty = False
         try:
-            self.client = OpenSearch(
+            # the user's own OpenSearch client is used as it is and never closed here
+            self.client = client if client is not None else OpenSearch(
                 hosts=[self.url], http_auth=auth, headers=headers or None, verify_certs=verify_certs,
                 ssl_show_warn=verify_certs, timeout=timeout,
                 maxsize=max(10, 2 * self.bulk_concurrency, 2 * self.search_concurrency),
@@ -923,4 +926,5 @@ class OpenSearchAdapter(Adapter):
         return [(h["_id"], _unpos(float(h["_score"]))) for h in hits]
 
     def close(self) -> None:
-        self.client.close()
+        if self._owns_client:
+            self.client.close()

@@ -97,11 +97,14 @@ class QdrantAdapter(Adapter):
         require_dtype("Qdrant", spec, ("float32", "float16"))
 
     def __init__(self, location: Any, collection: str, *, api_key: str | None = None,
-                 timeout: float = 30.0, **client_options: Any) -> None:
+                 timeout: float = 30.0, client: Any = None, **client_options: Any) -> None:
         super().__init__(collection)
         self._local = bool(location.embedded)  # local mode always searches exactly
+        self._owns_client = client is None
         try:
-            if location.embedded:
+            if client is not None:  # the user's QdrantClient: used as it is, never closed here
+                self.client = client
+            elif location.embedded:
                 in_memory = location.path == ":memory:"
                 self.client = QdrantClient(location=":memory:") if in_memory else QdrantClient(path=location.path)
             else:
@@ -341,4 +344,5 @@ class QdrantAdapter(Adapter):
         return [((p.payload or {})["doc_id"], float(p.score)) for p in points]
 
     def close(self) -> None:
-        self.client.close()
+        if self._owns_client:
+            self.client.close()

@@ -76,3 +76,25 @@ def test_missing_client_names_pip_command(monkeypatch, module: str, client: str,
     with pytest.raises(ImportError, match=rf"pip install 'm3connect\[{extra}\]'"):
         importlib.import_module(module)
     monkeypatch.delitem(sys.modules, module, raising=False)
+
+
+def test_query_and_document_max_lengths_are_separate(encoder, tmp_path) -> None:
+    seen: list[tuple[str, int | None]] = []
+
+    class Spy:  # the Encoder protocol, recording the limits it is asked for
+        def __getattr__(self, name):  # noqa: ANN001, ANN204
+            return getattr(encoder, name)
+
+        def encode(self, texts, **kw):  # noqa: ANN001, ANN003, ANN201
+            seen.append(("doc", kw.get("max_length")))
+            return encoder.encode(texts, **kw)
+
+        def encode_one(self, text, **kw):  # noqa: ANN001, ANN003, ANN201
+            seen.append(("query", kw.get("max_length")))
+            return encoder.encode_one(text, **kw)
+
+    store = m3connect.connect(f"qdrant:///{tmp_path}/q", collection="lim", encoder=Spy(), max_length=64,
+                              query_max_length=8)
+    store.add(["a long enough document about limits"], ids=["a"])
+    assert store.search("limits", k=1)[0].id == "a"
+    assert seen == [("doc", 64), ("query", 8)]
