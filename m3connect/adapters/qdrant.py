@@ -97,10 +97,12 @@ class QdrantAdapter(Adapter):
         require_dtype("Qdrant", spec, ("float32", "float16"))
 
     def __init__(self, location: Any, collection: str, *, api_key: str | None = None,
-                 timeout: float = 30.0, client: Any = None, **client_options: Any) -> None:
+                 timeout: float = 30.0, client: Any = None, max_retries: int = 3,
+                 **client_options: Any) -> None:
         super().__init__(collection)
         self._local = bool(location.embedded)  # local mode always searches exactly
         self._owns_client = client is None
+        self.max_retries = max(0, int(max_retries))
         try:
             if client is not None:  # the user's QdrantClient: used as it is, never closed here
                 self.client = client
@@ -185,7 +187,11 @@ class QdrantAdapter(Adapter):
                     payload={"doc_id": r.id, "text": r.text, "metadata": r.metadata},
                 )
             )
-        self.client.upsert(self.collection, points=points, wait=True)  # errors: translate_error
+        if self._local:
+            self.client.upsert(self.collection, points=points, wait=True)  # errors: translate_error
+        else:  # a server: the client's own uploader retries transient failures with backoff
+            self.client.upload_points(self.collection, points, batch_size=len(points) or 1,
+                                      max_retries=self.max_retries, wait=True)
 
     def delete(self, ids: Sequence[str]) -> None:
         self.client.delete(
