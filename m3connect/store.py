@@ -561,10 +561,10 @@ def connect(
     engine = _adapter_key(location)
     if spec is not None:
         _adapter_class(location).check_spec(location, spec)
-    check_options(location, options)  # before anything opens: a lazy store would only fail at its first write
     missing_file = (location.embedded and location.path != ":memory:" and location.transport != "client"
                     and not Path(location.path or "").exists())
     if missing_file:  # nothing on disk yet: open the engine only when something is written
+        check_options(location, options)  # now, not at the first write (_load_adapter checks the other paths)
         if spec is None:
             raise CollectionNotFoundError(
                 f"{engine} collection {collection!r} does not exist: there is nothing at {location.path}"

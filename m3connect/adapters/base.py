@@ -156,6 +156,12 @@ TRANSLATED_METHODS = (
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def says_collection_missing(text: str) -> bool:
+    """Whether an engine's message reports a missing collection (clients word it differently)."""
+    lowered = text.lower()
+    return "collection" in lowered and any(p in lowered for p in ("not found", "does not exist", "doesn't exist"))
+
+
 def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, cut to ``limit`` characters (the engine's reason)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -235,8 +241,7 @@ class Adapter(ABC):
         where = f"{self.engine} collection {self.collection!r}"
         if isinstance(exc, (ConnectionError, TimeoutError)):
             return BackendUnavailableError(f"{self.engine} is unreachable during {operation}: {one_line(exc)}")
-        text = str(exc).lower()
-        if "collection" in text and any(p in text for p in ("not found", "does not exist", "doesn't exist")):
+        if says_collection_missing(str(exc)):
             return self.not_found()
         return BackendError(f"{operation} on {where} failed: {type(exc).__name__}: {one_line(exc)}")
 

@@ -84,7 +84,16 @@ from ..errors import (
 from ..filters import And, Cmp, Eq, FilterNode, In, Or
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores, one_line
+from .base import (
+    Adapter,
+    Candidate,
+    CollectionSpec,
+    FusionMethod,
+    Record,
+    RouteScores,
+    one_line,
+    says_collection_missing,
+)
 
 try:
     from pymilvus import AnnSearchRequest, DataType, MilvusClient, RRFRanker, WeightedRanker
@@ -305,9 +314,8 @@ class MilvusAdapter(Adapter):
 
     def translate_error(self, exc: Exception, operation: str) -> M3Error:
         reason = one_line(getattr(exc, "message", None) or exc)
-        lowered = reason.lower()
-        if isinstance(exc, (CollectionNotExistException, DescribeCollectionException)) or (
-            "collection" in lowered and ("not found" in lowered or "does not exist" in lowered)
+        if isinstance(exc, (CollectionNotExistException, DescribeCollectionException)) or says_collection_missing(
+            reason
         ):
             return self.not_found()
         unavailable = isinstance(exc, (MilvusUnavailableException, ConnectionNotExistException))

@@ -131,13 +131,15 @@ def _load_encoder(args: argparse.Namespace) -> Any:
     return M3Encoder(args.model, **kwargs)
 
 
+def _credentials(args: argparse.Namespace) -> dict[str, Any]:
+    """The credential options given on the command line or in ``M3_*`` variables."""
+    return {k: getattr(args, k) for k in ("user", "password", "api_key", "token") if getattr(args, k, None)}
+
+
 def _connect(args: argparse.Namespace, encoder: Any) -> Any:
     from ..store import connect
 
-    options: dict[str, Any] = {}
-    for name in ("user", "password", "api_key", "token"):
-        if getattr(args, name, None):
-            options[name] = getattr(args, name)
+    options = _credentials(args)
     if getattr(args, "colbert_dtype", None):
         options["colbert_dtype"] = args.colbert_dtype
     if getattr(args, "colbert_pool_factor", None):
@@ -153,9 +155,8 @@ def _open_existing(args: argparse.Namespace) -> Any:
     from ..errors import CollectionNotFoundError
     from ..store import connect
 
-    options = {k: getattr(args, k) for k in ("user", "password", "api_key", "token") if getattr(args, k, None)}
     try:
-        return connect(args.uri, args.collection, encoder=None, **options)
+        return connect(args.uri, args.collection, encoder=None, **_credentials(args))
     except CollectionNotFoundError:
         raise CollectionNotFoundError(
             f"collection {args.collection!r} does not exist at {_shown_uri(args.uri)}; "
