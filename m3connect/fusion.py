@@ -90,7 +90,9 @@ def exact(
     scores: dict[str, dict[str, float]] = {}
     generators = candidate_routes(weights, routes)
     if generators == active and len(active) == 1 and active[0] in adapter.exact_routes:
-        depth = k  # one exact route: its own top k is the answer, as in a raw search
+        # One exact route: its own top k is the answer, fetched with the hits in one call
+        # where the engine allows, as a raw search is.
+        return _one_route(adapter, active[0], query, weights, k, flt, stats)
     for route in generators:
         if not _usable(route, query):
             continue  # an empty sparse or ColBERT query retrieves nothing
@@ -121,6 +123,22 @@ def exact(
         ((combine(entry, weights), rid) for rid, entry in scores.items()), key=lambda t: (-t[0], t[1])
     )
     return _hits(adapter, ranked, scores, k, flt, stats)
+
+
+def _one_route(
+    adapter: Adapter, route: Route, query: Vectors, weights: Weights, k: int, flt: FilterNode | None,
+    stats: QueryStats,
+) -> list[Hit]:
+    found = adapter.search_route_records(route, query[route], k, flt) if _usable(route, query) else []
+    stats.candidates = stats.fetched_records = len(found)
+    hits = []
+    for rid, s, rec in found:
+        if flt is not None and not matches(flt, rec.metadata):
+            continue  # a stray an engine let through (the guard of _hits)
+        entry: dict[str, float] = {route: float(s)}
+        hits.append(Hit(rid, combine(entry, weights), rec.text, rec.metadata, entry))
+    hits.sort(key=lambda h: (-h.score, h.id))
+    return hits[:k]
 
 
 def _score_into(

@@ -53,6 +53,7 @@ __all__ = [
     "Adapter",
     "Candidate",
     "FusionMethod",
+    "RecordCandidate",
     "RouteScores",
     "SCHEMA_VERSION",
     "COLBERT_DTYPES",
@@ -62,6 +63,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 FusionMethod = Literal["weighted", "rrf"]
 Candidate = tuple[str, float]  # (id, score)
+RecordCandidate = tuple[str, float, "Record"]  # (id, score, record with text and metadata)
 RouteScores = dict[str, dict[str, float]]  # id -> route -> exact score
 
 
@@ -151,7 +153,7 @@ class Record:
 #: public adapter methods that run inside the error translator
 TRANSLATED_METHODS = (
     "read_spec", "create", "open", "drop", "upsert", "delete", "count", "existing_ids", "fetch",
-    "flush", "close", "search_route", "score", "engine_search", "iter_ids",
+    "flush", "close", "search_route", "search_route_records", "score", "engine_search", "iter_ids",
 )
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -327,6 +329,20 @@ class Adapter(ABC):
         ``query`` is that route's query representation (``Vectors[route]``). Scores are
         exact for routes in :attr:`exact_routes`.
         """
+
+    def search_route_records(
+        self, route: Route, query: Any, k: int, flt: FilterNode | None
+    ) -> list[RecordCandidate]:
+        """:meth:`search_route` with each hit's text and metadata (no vectors).
+
+        Exact fusion answers a one-route query with this (the route's top k is the answer),
+        so engines that return payloads with their hits override it to make one call, as a
+        raw search does. This fallback searches, then fetches; a hit deleted in between is
+        left out.
+        """
+        hits = self.search_route(route, query, k, flt)
+        found = self.fetch([rid for rid, _ in hits], fields=()) if hits else {}
+        return [(rid, s, found[rid]) for rid, s in hits if rid in found]
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Exact scores of the stored documents ``ids`` for ``routes``: ``{id: {route: s}}``.

@@ -90,6 +90,7 @@ from .base import (
     CollectionSpec,
     FusionMethod,
     Record,
+    RecordCandidate,
     RouteScores,
     one_line,
     says_collection_missing,
@@ -681,6 +682,23 @@ class MilvusAdapter(Adapter):
         if query is None or len(query) == 0:
             return []
         return self._search(self._FIELD[route], self._route_data(route, query), k, compile_filter(flt))
+
+    def search_route_records(
+        self, route: Route, query: Any, k: int, flt: FilterNode | None
+    ) -> list[RecordCandidate]:
+        if query is None or len(query) == 0:
+            return []
+        res = self.client.search(
+            self.collection, data=self._route_data(route, query), anns_field=self._FIELD[route],
+            limit=min(k, _QUERY_WINDOW), filter=compile_filter(flt), search_params={"metric_type": "IP"},
+            output_fields=["id", "text", "metadata"],
+        )
+        out: list[RecordCandidate] = []
+        for h in res[0]:
+            row = h["entity"]
+            rec = Record(id=h["id"], text=row["text"], metadata=dict(row["metadata"] or {}))
+            out.append((rec.id, float(h["distance"]), rec))
+        return out
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Exact per-route scores of stored ``ids``; ids not stored are left out.

@@ -67,7 +67,7 @@ from ..errors import (
 from ..filters import And, Cmp, Eq, FilterNode, In, Or
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores, one_line
+from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RecordCandidate, RouteScores, one_line
 
 try:
     from opensearchpy import OpenSearch
@@ -779,6 +779,22 @@ class OpenSearchAdapter(Adapter):
                                                                    field="colbert_mean")})
             return [(h["_id"], float(h["_score"])) for h in hits]
         raise InvalidInputError(f"unknown route {route!r}; use 'dense', 'sparse' or 'colbert'")
+
+    def search_route_records(
+        self, route: Route, query: Any, k: int, flt: FilterNode | None
+    ) -> list[RecordCandidate]:
+        """The dense route with ``_source`` (text and metadata) in the same request."""
+        if route != "dense" or _empty(route, query):
+            return super().search_route_records(route, query, k, flt)
+        size = min(k, _MAX_WINDOW)
+        body = {"size": size, "query": self._knn(query, size, self._filters(flt)),
+                "_source": ["doc_id", "text", "metadata"]}
+        out: list[RecordCandidate] = []
+        for h in self._search(body, filter_path="hits.hits._id,hits.hits._score,hits.hits._source"):
+            src = h.get("_source") or {}
+            rec = Record(id=h["_id"], text=src.get("text", ""), metadata=src.get("metadata") or {})
+            out.append((rec.id, _unpos(float(h["_score"])), rec))
+        return out
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Exact scores of ``ids`` in the engine: a search (``ids`` query, ``_source: false``)

@@ -25,7 +25,16 @@ from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores, one_line
+from .base import (
+    Adapter,
+    Candidate,
+    CollectionSpec,
+    FusionMethod,
+    Record,
+    RecordCandidate,
+    RouteScores,
+    one_line,
+)
 
 try:
     from qdrant_client import QdrantClient, models
@@ -79,6 +88,11 @@ def _condition(node: FilterNode) -> Any:
         return models.Filter(must=[_condition(n) for n in node.items])
     assert isinstance(node, Or)
     return models.Filter(should=[_condition(n) for n in node.items])
+
+
+def _record(payload: dict[str, Any]) -> Record:
+    """A record (no vectors) from a point's payload."""
+    return Record(id=payload["doc_id"], text=payload.get("text", ""), metadata=payload.get("metadata") or {})
 
 
 def _usable(route: str, query: Vectors) -> bool:
@@ -230,8 +244,7 @@ class QdrantAdapter(Adapter):
                 self.collection, ids=[point_id(i) for i in chunk], with_payload=True, with_vectors=names or False
             )
             for p in points:
-                payload = p.payload or {}
-                rec = Record(id=payload["doc_id"], text=payload.get("text", ""), metadata=payload.get("metadata") or {})
+                rec = _record(p.payload or {})
                 vec = p.vector if isinstance(p.vector, dict) else {}
                 if "dense" in names:
                     rec.dense = np.asarray(vec["dense"], np.float32)
@@ -268,6 +281,17 @@ class QdrantAdapter(Adapter):
             query_filter=compile_filter(flt), with_payload=["doc_id"],
         )
         return [((p.payload or {})["doc_id"], float(p.score) * scale) for p in points]
+
+    def search_route_records(
+        self, route: Route, query: Any, k: int, flt: FilterNode | None
+    ) -> list[RecordCandidate]:
+        if query is None or len(query) == 0:
+            return []
+        scale = self._scale(route, query)
+        points = self._query_points(
+            query=self._query(route, query), using=route, limit=k, query_filter=compile_filter(flt), with_payload=True
+        )
+        return [(rec.id, float(p.score) * scale, rec) for p in points for rec in [_record(p.payload or {})]]
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Per-route scores of ``ids`` from ``query_points`` restricted to them (``HasIdCondition``).

@@ -44,7 +44,7 @@ from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RouteScores
+from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RecordCandidate, RouteScores
 
 try:
     import qdrant_edge as qe
@@ -208,6 +208,11 @@ def _edge_config(spec: CollectionSpec, wal: bool = True) -> Any:
         # It costs write rate (BGE-M3 sizes, fp16: ~260 docs/s with it, ~800 without).
         wal_enabled=wal,
     )
+
+
+def _record(payload: dict[str, Any]) -> Record:
+    """A record (no vectors) from a point's payload."""
+    return Record(id=payload["doc_id"], text=payload.get("text", ""), metadata=payload.get("metadata") or {})
 
 
 def _usable(route: str, query: Vectors) -> bool:
@@ -405,8 +410,7 @@ class QdrantEdgeAdapter(Adapter):
         points = self.shard.retrieve(pids, with_payload=True, with_vector=names or False)
         out: dict[str, Record] = {}
         for p in points:
-            payload = p.payload or {}
-            rec = Record(id=payload["doc_id"], text=payload.get("text", ""), metadata=payload.get("metadata") or {})
+            rec = _record(p.payload or {})
             vec = p.vector or {}
             if "dense" in names:
                 rec.dense = np.asarray(vec["dense"], np.float32)
@@ -457,6 +461,17 @@ class QdrantEdgeAdapter(Adapter):
             )
         )
         return [(p.payload["doc_id"], float(p.score) * scale) for p in points]
+
+    def search_route_records(
+        self, route: Route, query: Any, k: int, flt: FilterNode | None
+    ) -> list[RecordCandidate]:
+        if query is None or len(query) == 0:
+            return []
+        scale = self._scale(route, query)
+        points = self._run(
+            qe.QueryRequest(limit=k, query=self._nearest(route, query), filter=compile_filter(flt), with_payload=True)
+        )
+        return [(rec.id, float(p.score) * scale, rec) for p in points for rec in [_record(p.payload or {})]]
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Per-route scores of ``ids`` from queries restricted to them (``HasIdCondition``).

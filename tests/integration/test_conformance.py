@@ -289,11 +289,32 @@ def test_exact_scores_come_from_the_engine_not_fetched_vectors(filled, encoder, 
 
 
 def test_dense_only_exact_search_asks_the_engine_once(filled, encoder, monkeypatch) -> None:
-    """Weights (1, 0, 0) cost one dense route search and one fetch of k texts: no scoring round."""
+    """Weights (1, 0, 0) cost one engine call, as a raw dense search does: the route's top k
+    come back with their texts; no separate fetch, no scoring round."""
     calls: list[str] = []
-    real_route, real_score = filled.adapter.search_route, filled.adapter.score
-    monkeypatch.setattr(filled.adapter, "search_route", lambda *a, **kw: calls.append(a[0]) or real_route(*a, **kw))
-    monkeypatch.setattr(filled.adapter, "score", lambda *a, **kw: calls.append("score") or real_score(*a, **kw))
+    adapter = filled.adapter
+    for name in ("search_route", "search_route_records", "score", "fetch"):
+        real = getattr(adapter, name)
+        monkeypatch.setattr(adapter, name, lambda *a, _n=name, _r=real, **kw: calls.append(_n) or _r(*a, **kw))
     hits = filled.search("hybrid search", k=5, weights=(1, 0, 0))
-    assert calls == ["dense"] and len(hits) == 5
+    assert calls == ["search_route_records"] and len(hits) == 5
+    assert all(h.text and h.scores.keys() == {"dense"} for h in hits)
     assert filled.last_query_stats.fetched_records == 5
+
+
+@pytest.mark.parametrize("flt", [None, {"lang": "en"}], ids=["all", "filtered"])
+@pytest.mark.parametrize("route", ["dense", "sparse", "colbert"])
+def test_route_records_match_route_search_and_fetch(filled, encoder, route, flt) -> None:
+    """``search_route_records`` is ``search_route`` plus ``fetch(fields=())``, whichever way
+    an engine does it (one call with payloads, or the base class's two)."""
+    query = encoder.encode_one("hybrid search")[route]
+    node = parse_filter(flt)
+    plain = filled.adapter.search_route(route, query, 4, node)
+    with_records = filled.adapter.search_route_records(route, query, 4, node)
+    assert [rid for rid, _, _ in with_records] == [rid for rid, _ in plain] and plain
+    assert [s for _, s, _ in with_records] == pytest.approx([s for _, s in plain], rel=1e-6, abs=1e-6)
+    fetched = filled.adapter.fetch([rid for rid, _ in plain], fields=())
+    for rid, _, rec in with_records:
+        assert (rec.text, rec.metadata) == (fetched[rid].text, fetched[rid].metadata)
+        assert rec.dense is None and rec.colbert is None
+        assert matches(node, rec.metadata)
