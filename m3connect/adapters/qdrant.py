@@ -13,7 +13,6 @@ prefetch per route, then ``FormulaQuery`` or RRF) all run in the engine.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any, cast
 
@@ -35,6 +34,7 @@ from .base import (
     RouteScores,
     one_line,
 )
+from .point_ids import point_id
 
 try:
     from qdrant_client import QdrantClient, models
@@ -44,14 +44,9 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 
 __all__ = ["QdrantAdapter", "compile_filter", "point_id"]
 
-_NAMESPACE = uuid.UUID("6f1c3a52-6b1e-4f0e-9a39-3a0c5e1f7d21")
 _META_KEY = "m3connect"
 RRF_K = 60
 
-
-def point_id(doc_id: str) -> str:
-    """Stable UUID for a string id."""
-    return str(uuid.uuid5(_NAMESPACE, doc_id))
 
 
 def compile_filter(node: FilterNode | None) -> models.Filter | None:

@@ -24,7 +24,6 @@ import os
 import shutil
 import tempfile
 import threading
-import uuid
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -45,6 +44,7 @@ from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
 from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RecordCandidate, RouteScores
+from .point_ids import point_id
 
 try:
     import qdrant_edge as qe
@@ -59,17 +59,12 @@ except ImportError:  # pragma: no cover - Windows: no advisory lock
 __all__ = ["QdrantEdgeAdapter", "compile_filter", "point_id", "SPEC_FILE", "SHARD_DIR"]
 
 # Same namespace as m3connect.adapters.qdrant, so a document has one point id in both.
-_NAMESPACE = uuid.UUID("6f1c3a52-6b1e-4f0e-9a39-3a0c5e1f7d21")
 SPEC_FILE = "m3connect.json"
 SHARD_DIR = "shard"
 LOCK_FILE = ".lock"
 CREATING_FILE = ".m3connect-creating"  # present from the start of create() until its spec is written
 RRF_K = 60
 
-
-def point_id(doc_id: str) -> str:
-    """Stable UUID for a string id (the same as the qdrant-client adapter's)."""
-    return str(uuid.uuid5(_NAMESPACE, doc_id))
 
 
 # -- filters ---------------------------------------------------------------------------------
