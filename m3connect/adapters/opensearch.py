@@ -168,7 +168,9 @@ def _has_range(node: FilterNode | None) -> bool:
 # Notes for whoever edits these: painless in OpenSearch 3.5 fails to compile hexadecimal int
 # literals ("Illegal tree structure"), so masks are decimal; every loop counts against a
 # per-function limit of 1,000,000 iterations, so the nested loops live in separate functions;
-# products are taken in double, so the results equal m3connect.scoring's to ~1e-15.
+# dense and sparse products are taken in double, so they equal m3connect.scoring's to ~1e-15;
+# MaxSim, the costly loop, sums its 1,024-term rows in float over 8 independent accumulators
+# (1.3-1.9x faster than double on a 2-core EPYC, within ~1e-7 of the double sums).
 
 _LIB = """
 float[] m3q(List l) { float[] q = new float[l.size()]; for (int i = 0; i < q.length; i++) { q[i] = ((Number) l.get(i)).floatValue(); } return q; }
@@ -203,8 +205,17 @@ void m3dec8(byte[] b, int o, float[] v, int n) {
 void m3dec1(byte[] b, int o, float[] v, int n, float c) {
   for (int t = 0; t < n; t++) { v[t] = ((b[o + (t >> 3)] >> (t & 7)) & 1) == 1 ? c : -c; }
 }
+double m3dotf(float[] a, int ao, float[] b, int n) {
+  float s0 = 0; float s1 = 0; float s2 = 0; float s3 = 0; float s4 = 0; float s5 = 0; float s6 = 0; float s7 = 0; int t = 0;
+  for (; t + 7 < n; t += 8) {
+    s0 += a[ao + t] * b[t]; s1 += a[ao + t + 1] * b[t + 1]; s2 += a[ao + t + 2] * b[t + 2]; s3 += a[ao + t + 3] * b[t + 3];
+    s4 += a[ao + t + 4] * b[t + 4]; s5 += a[ao + t + 5] * b[t + 5]; s6 += a[ao + t + 6] * b[t + 6]; s7 += a[ao + t + 7] * b[t + 7];
+  }
+  for (; t < n; t++) { s0 += a[ao + t] * b[t]; }
+  return (double) (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)));
+}
 void m3best(float[] q, int nq, float[] v, int dim, double[] best) {
-  for (int i = 0; i < nq; i++) { double s = m3dot(q, i * dim, v, dim); if (s > best[i]) { best[i] = s; } }
+  for (int i = 0; i < nq; i++) { double s = m3dotf(q, i * dim, v, dim); if (s > best[i]) { best[i] = s; } }
 }
 double m3maxsim(def vals, float[] q, int dim, int codec) {
   int nq = q.length / dim;

@@ -60,8 +60,8 @@ def test_scores_equal_the_reference_on_the_stored_form(store_factory, encoder, d
         q = encoder.encode_one(text)
         hits = store.search_by_vectors(q, k=len(IDS), weights=(0, 0, 1), candidate_depth=len(IDS))
         assert sorted(h.id for h in hits) == sorted(IDS)
-        # painless decodes the stored bytes and sums in double: as exact as the reference itself
-        tol = 1e-9 if store_factory.engine == "opensearch" else 1e-4
+        # painless decodes the stored bytes exactly and sums MaxSim rows in float (~1e-7)
+        tol = 1e-6 if store_factory.engine == "opensearch" else 1e-4
         for h in hits:
             assert abs(h.score - scoring.colbert_score(q.colbert, stored[h.id])) < tol, h.id
         weights = scoring.Weights(0.4, 0.2, 0.4)

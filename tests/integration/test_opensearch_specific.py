@@ -287,7 +287,7 @@ def test_empty_sparse_and_colbert_documents(store_factory):
     got = store.adapter.score(ids, query, ROUTES)
     for rid, doc in zip(ids, docs):
         want = pair_scores(query, doc)
-        assert got[rid] == pytest.approx(want, abs=1e-9), rid
+        assert got[rid] == pytest.approx(want, abs=1e-6), rid  # MaxSim rows sum in float
     assert got["b"]["sparse"] == 0.0 and got["b"]["colbert"] == 0.0
     rec = store.adapter.fetch(["b"])["b"]
     assert rec.colbert.shape == (0, 32) and rec.sparse == {}
@@ -373,8 +373,9 @@ def test_score_in_the_engine_equals_scoring_without_moving_vectors(store_factory
         want = pair_scores(query, stored[rid])
         for route in ROUTES:
             assert abs(got[rid][route] - want[route]) < 1e-4, (rid, route)
-            # double precision in painless; sparse weights are kept as float32 (these are float64)
-            assert got[rid][route] == pytest.approx(want[route], abs=1e-9 if route != "sparse" else 1e-7)
+            # dense in double; sparse weights are kept as float32 (these are float64); MaxSim
+            # rows sum in float (8 accumulators)
+            assert got[rid][route] == pytest.approx(want[route], abs={"dense": 1e-9, "sparse": 1e-7}.get(route, 1e-6))
     assert store.adapter.score(ids[:3], query, ["colbert"])[ids[0]].keys() == {"colbert"}
     empty = Vectors(dense=query.dense, sparse={}, colbert=np.zeros((0, 32), np.float32))
     assert store.adapter.score(ids[:2], empty, ["sparse", "colbert"])[ids[0]] == {"sparse": 0.0, "colbert": 0.0}
