@@ -192,6 +192,8 @@ def _colbert_with_threshold(
     )[:k]
     todo = sorted((rid for rid, entry in scores.items() if "colbert" not in entry), key=lambda r: -partial[r])
     reach = weights.colbert * colbert_upper_bound(query)
+    # Rounds grow geometrically: the first sets a k-th best to prune against, later ones
+    # prune less per call, and each engine call has a fixed cost (at most ~log2 rounds).
     batch = max(2 * k, 32)
     start = 0
     while start < len(todo):
@@ -199,6 +201,7 @@ def _colbert_with_threshold(
             break
         chunk = todo[start : start + batch]
         start += len(chunk)
+        batch *= 2
         _score_into(adapter, scores, chunk, query, ["colbert"], stats)
         best = sorted(best + [combine(scores[r], weights) for r in chunk if r in scores], reverse=True)[:k]
     stats.pruned = len(todo) - start
