@@ -14,14 +14,15 @@ Rows, each returning all three outputs (dense, sparse, ColBERT) for every text:
   (what ``BGEM3FlagModel`` is), ``encode(texts, batch_size=256, max_length=L,
   return_dense=True, return_sparse=True, return_colbert_vecs=True)``: its default batch size.
 * ``m3connect-fp16`` / ``m3connect-bf16``: ``M3Encoder(path, device="cuda", dtype=...)``,
-  ``encode(texts, max_length=L)`` (default 65,536-token batches, batch k+1 queued before
-  batch k's outputs are fetched).
+  ``encode(texts, max_length=L)`` (default 65,536-token batches; the threaded pipeline:
+  texts tokenised chunk by chunk on a background thread while earlier chunks run, each batch's
+  outputs fetched and post-processed on a worker thread while the calling thread queues the next).
 * ``m3connect-bf16-compile`` (with ``--compile``): ``M3Encoder(..., dtype="bfloat16", compile=True)``,
   the backbone through ``torch.compile`` (static shapes: length buckets, power-of-two rows); its
   compile time is spent in the warm-up, outside the timing, and reported. The results then go to
   ``encode-gpu-compile-<card>.json/md`` so that a full run's files are kept.
-* ``m3connect-fp16-serial`` (one length only): the same encoder with that overlap switched off
-  (``enc._pipeline = False``: one batch at a time, as before it existed).
+* ``m3connect-fp16-serial`` (one length only, ``--serial-length``; 0 leaves it out): the same
+  encoder with all overlap switched off (``enc._pipeline = False``: one batch at a time).
 
 For each max_length L (default 128, 512, 8192) the corpus is synthetic text of ~1.2 L tokens per
 text (words per text from the toy tokenizer's measured tokens per word), so nearly every text is
@@ -494,7 +495,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "FlagEmbedding runs one extra forward pass per `encode` (a batch-size probe on its first batch); the last "
         "column is the speedup against FlagEmbedding's time without that pass. `m3connect-fp16-serial` is the same "
-        "encoder fetching each batch's outputs before queueing the next (the pre-overlap behaviour).",
+        "encoder fetching each batch's outputs before queueing the next, all on one thread (no overlap).",
         "",
         f"Bare backbone forward (random ids, one batch of ~{c['backbone_tokens']:,} tokens, no tokenisation / heads / host work):",
         "",
@@ -577,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tokens", type=int, default=None, help="tokens per corpus (default 393216; --quick 4096)")
     ap.add_argument("--max-texts-8192", type=int, default=32, help="texts in the corpus at L >= 4096")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5; --quick 2)")
-    ap.add_argument("--serial-length", type=int, default=None, help="L with the serial m3connect row (default 512)")
+    ap.add_argument("--serial-length", type=int, default=None, help="L with the serial m3connect row (default 512; 0: none)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense fp16/bf16 peak")
     ap.add_argument("--no-flag", action="store_true", help="skip FlagEmbedding")
     ap.add_argument("--compile", action="store_true", help="add a torch.compile'd bf16 row")
@@ -597,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.reps = args.reps or (2 if quick else 5)
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else list(QUICK_LENGTHS if quick else FULL_LENGTHS)
     tokens_target = args.tokens or (QUICK_TOKENS if quick else FULL_TOKENS)
-    serial_length = args.serial_length or (lengths[-1] if quick else 512)
+    serial_length = args.serial_length if args.serial_length is not None else (lengths[-1] if quick else 512)
     shape = dict(QUICK_SHAPE if quick else FULL_SHAPE)
     machine = _machine(device)
     peak = _peak_tflops(machine["card"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
@@ -644,7 +645,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runners[name] = M3Row(path, device, dtype)
         if args.compile:
             runners[COMPILED] = M3Row(path, device, "bfloat16", compile=True)
-        serial = M3Row(path, device, "float16", pipeline=False)
+        serial = M3Row(path, device, "float16", pipeline=False) if serial_length in lengths else None
         phase("load")
 
         config = {
@@ -683,7 +684,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             words = int(1.2 * L / tokens_per_word) + 16
             texts = synthetic_corpus(n_texts, min_words=words, max_words=words, seed=L)
             rows_here = dict(runners)
-            if L == serial_length:
+            if serial is not None and L == serial_length:
                 rows_here[SERIAL] = serial
             log(f"L={L}: {n_texts} texts of {words} words, rows {list(rows_here)}")
             times, outputs, errors = _time_rows(rows_here, texts, L, args.reps, device)

@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
@@ -64,6 +66,8 @@ _CPU_MIN_TOKEN_BUDGET = 512
 # rows to a power of two, so that the compiled backbone meets a bounded set of static shapes.
 _COMPILE_WIDTHS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 _COMPILE_RECOMPILE_LIMIT = 64
+# Page size used to touch (fault in) a fresh host buffer before a GPU batch's outputs land in it.
+_PAGE_BYTES = 4096
 # Below this many texts the progress bar stays hidden unless asked for.
 
 
@@ -318,6 +322,23 @@ class M3Encoder:
     # time, as on CPU; same kernels, same numbers).
     _pipeline: bool = True
     _copy_stream: Any = None  # torch.cuda.Stream for those copies, made on first use
+    # The threaded pipeline (on GPU, with ``_pipeline``): texts are tokenised chunk by chunk on
+    # one background thread while earlier chunks run, each chunk sorted by length (with the
+    # previous chunk's unfilled last batch carried over), and every batch is finished (outputs
+    # copied into ordinary memory, lexical weights) on another, so that the main thread only
+    # queues forward passes. None: on GPU, for calls of more than ``_first_chunk_texts`` texts;
+    # True forces it (the CPU tests exercise it that way); False: tokenise everything first and
+    # finish each batch on the calling thread (on GPU still queueing batch k+1 first).
+    _threaded: bool | None = None
+    _pipeline_depth = 2  # batches queued and not yet finished, at most (bounds host and GPU memory)
+    # The first chunk is small and its batches run at once, even unfilled, so that the GPU starts
+    # soon (False: its unfilled last batch waits for the next chunk, like any other chunk's).
+    _first_chunk_texts = 32
+    _early_first_chunk = True
+    _max_chunk_budgets = 8  # later chunks double the texts tokenised, by this many budgets at most
+    # The last batch of a call runs as up to this many smaller ones of a quarter budget or more:
+    # the host work left once the GPU is done (copies, lexical weights) is then that much smaller.
+    _tail_pieces = 4
     # CPU bf16: run the backbone's linear layers as oneDNN matmuls with their bias, GELU and
     # residual add fused in (False: torch's plain modules; same maths, other rounding).
     _fuse_cpu: bool = True
@@ -396,6 +417,9 @@ class M3Encoder:
             raise InvalidInputError(f"max_length must be in [2, {limit}] for this model, got {max_length}")
         self.max_length = max_length
         self.tokens_per_batch = tokens_per_batch or self._default_token_budget(config)
+        # Read once: the tokenizer's Rust side must not be borrowed by the main thread while the
+        # tokenising thread may reconfigure it (pad_token_id is a lookup in the Rust vocabulary).
+        self._pad_id: Any = self.tokenizer.pad_token_id
         self._special_ids = np.array(
             sorted(
                 {
@@ -545,17 +569,39 @@ class M3Encoder:
                 raise InvalidTypeError(f"texts[{i}] is {type(item).__name__}, not str")
         return items
 
-    def _batches(self, lengths: np.ndarray, order: np.ndarray, batch_size: int | None) -> Iterator[np.ndarray]:
-        """Cut length-sorted indices into batches by a padded-token budget."""
+    def _batches(
+        self,
+        lengths: np.ndarray,
+        order: np.ndarray,
+        batch_size: int | None,
+        rest: list[np.ndarray] | None = None,
+        tail_pieces: int = 1,
+    ) -> Iterator[np.ndarray]:
+        """Cut length-sorted indices into batches by a padded-token budget.
+
+        With ``rest`` given, a last batch that would not be full is not yielded but appended to
+        ``rest`` (the threaded pipeline sorts it in with the next chunk of texts). Otherwise, with
+        ``tail_pieces`` > 1, the last batch is cut into up to that many of a quarter budget or more.
+        """
         start = 0
         n = len(order)
         while start < n:
             longest = int(lengths[order[start]])
             if self.compiled:
                 longest = self._compile_width(longest)
-            count = max(1, self.tokens_per_batch // max(longest, 1))
+            count = max(1, self.tokens_per_batch // max(longest, 1))  # read per batch: OOM lowers it
             if batch_size:
                 count = min(count, batch_size)
+            if rest is not None and start + count > n:
+                rest.append(order[start:])
+                return
+            pieces = min(tail_pieces, (n - start) * longest * 4 // self.tokens_per_batch)
+            if pieces > 1 and start + count >= n:
+                size = -(-(n - start) // pieces)
+                if self.compiled:  # compiled batches are padded to a power-of-two rows: no waste
+                    size = 1 << (size - 1).bit_length()
+                yield from (order[i : i + size] for i in range(start, n, size))
+                return
             yield order[start : start + count]
             start += count
 
@@ -576,7 +622,7 @@ class M3Encoder:
         if self.compiled:  # static shapes: bucketed width, power-of-two rows (within the budget)
             width = self._compile_width(width)
             padded_rows = max(n, min(1 << (n - 1).bit_length(), self.tokens_per_batch // width))
-        ids = np.full((padded_rows, width), self.tokenizer.pad_token_id, dtype=np.int64)
+        ids = np.full((padded_rows, width), self._pad_id, dtype=np.int64)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = row
         all_lengths = np.concatenate([lengths, np.ones(padded_rows - n, np.int64)])
@@ -608,28 +654,61 @@ class M3Encoder:
         return _Launched(ids, mask_np, lengths, outputs, ready)
 
     def _finish(
-        self, batch: _Launched
+        self, batch: _Launched, helper: ThreadPoolExecutor | None = None
     ) -> tuple[np.ndarray | None, list[dict[int, float]] | None, list[np.ndarray] | None]:
-        """Wait for a launched batch's outputs and turn them into per-text host results."""
-        if batch.ready is not None:
-            batch.ready.synchronize()
-        dense, weights, vecs = (None if t is None else self._host_array(t, batch.ready) for t in batch.outputs)
+        """Wait for a launched batch's outputs and turn them into per-text host results.
+
+        With ``helper`` (a GPU batch with ColBERT and sparse outputs), the ColBERT vectors are
+        copied out on that thread while this one computes the lexical weights.
+        """
+        dense_t, sparse_t, colbert_t = batch.outputs
+        if helper is None or batch.ready is None or colbert_t is None or sparse_t is None:
+            return self._post_process(batch, self._fetch(batch))
+        vecs = helper.submit(self._fetch, batch._replace(outputs=(None, None, colbert_t)))
+        try:
+            dense, sparse, _ = self._post_process(batch, self._fetch(batch._replace(outputs=(dense_t, sparse_t, None))))
+        finally:
+            colbert = vecs.result()[2]  # waited for even on an error: the copy uses the batch's memory
+        return dense, sparse, self._post_process(batch, [None, None, colbert])[2]
+
+    def _fetch(self, batch: _Launched) -> list[np.ndarray | None]:
+        """Wait for a launched batch; its (dense, sparse, colbert) outputs as ordinary host arrays."""
+        if batch.ready is None:
+            return [None if t is None else t.cpu().numpy() for t in batch.outputs]
+        # Out of the pinned staging buffers into ordinary memory (a multi-threaded copy), so that
+        # results kept by the caller never hold page-locked memory. The destinations are made
+        # and paged in before the wait, while the GPU still works on this batch.
+        hosts = [None if t is None else self._host_buffer(t) for t in batch.outputs]
+        batch.ready.synchronize()
+        for host, t in zip(hosts, batch.outputs):
+            if host is not None and t is not None:
+                torch.from_numpy(host).copy_(t)
+        return hosts
+
+    @staticmethod
+    def _host_buffer(t: torch.Tensor) -> np.ndarray:
+        """An uninitialised pageable array for ``t``'s values, its pages already faulted in.
+
+        numpy rather than torch allocates it: numpy asks the kernel for transparent huge pages
+        on large blocks (``madvise``), torch does not, and faulting in a batch's 268 MB of ColBERT
+        vectors page by page cost ~90 ms on a 2-core VM (numpy's: ~8 ms).
+        """
+        out = np.empty(tuple(t.shape), dtype=torch.empty((), dtype=t.dtype).numpy().dtype)
+        if out.nbytes >= 64 * _PAGE_BYTES:
+            out.reshape(-1).view(np.uint8)[::_PAGE_BYTES] = 0  # one write per page faults it in
+        return out
+
+    def _post_process(
+        self, batch: _Launched, arrays: list[np.ndarray | None]
+    ) -> tuple[np.ndarray | None, list[dict[int, float]] | None, list[np.ndarray] | None]:
+        """Per-text results of a batch from its host arrays: lexical weights, ColBERT slices."""
+        dense, weights, vecs = arrays
         sparse = colbert = None
         if weights is not None:
             sparse = lexical_weights(batch.ids, batch.mask, weights, self._special_ids)
         if vecs is not None:
             colbert = [vecs[i, : batch.lengths[i] - 1] for i in range(len(batch.lengths))]
         return dense, sparse, colbert
-
-    @staticmethod
-    def _host_array(t: torch.Tensor, ready: Any) -> np.ndarray:
-        if ready is None:
-            return t.cpu().numpy()
-        # Out of the pinned staging buffer into ordinary memory (a multi-threaded copy), so that
-        # results kept by the caller never hold page-locked memory.
-        out = torch.empty(t.shape, dtype=t.dtype)
-        out.copy_(t)
-        return out.numpy()
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -745,9 +824,6 @@ class M3Encoder:
                 sparse=[] if return_sparse else None,
                 colbert=[] if return_colbert else None,
             )
-        ids, truncated = self._tokenize(items, max_len)
-        lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=n)
-        order = np.argsort(-lengths, kind="stable")
         results: list[Any] = [None] * n
         progress = show_progress if show_progress is not None else self.show_progress
         bar = tqdm(
@@ -757,6 +833,9 @@ class M3Encoder:
             disable=not progress,  # a library draws nothing unless asked
         )
         pipelined = self.device.type == "cuda" and self._pipeline
+        # Auto: not for a call of one first chunk or less (nothing to overlap the tokenising
+        # with, and the threads' start-up would only add latency to a short call).
+        threaded = (pipelined and n > self._first_chunk_texts) if self._threaded is None else self._threaded
 
         def collect(batch: np.ndarray, outs: list[Any]) -> None:
             for i, out in zip(batch.tolist(), outs):
@@ -764,19 +843,10 @@ class M3Encoder:
             bar.update(len(batch))
 
         with bar:
-            pending: tuple[np.ndarray, _Launched] | None = None  # queued, outputs not fetched yet
-            for batch in self._batches(lengths, order, batch_size):
-                rows = [ids[i] for i in batch]
-                launched = self._launch_or_none(rows, flags) if pipelined else None
-                if pending is not None:  # fetch the previous batch while this one runs
-                    collect(pending[0], self._per_text(*self._finish(pending[1]), len(pending[0])))
-                    pending = None
-                if launched is not None:
-                    pending = (batch, launched)
-                else:
-                    collect(batch, self._forward_resilient(rows, flags))
-            if pending is not None:
-                collect(pending[0], self._per_text(*self._finish(pending[1]), len(pending[0])))
+            if threaded:
+                lengths, truncated = self._encode_threaded(items, max_len, batch_size, flags, collect)
+            else:
+                lengths, truncated = self._encode_serial(items, max_len, batch_size, flags, collect, pipelined)
         return EncodeOutput(
             dense=np.stack([r[0] for r in results]).astype(np.float32, copy=False) if return_dense else None,
             sparse=[r[1] for r in results] if return_sparse else None,
@@ -784,6 +854,130 @@ class M3Encoder:
             num_tokens=lengths.tolist(),
             truncated=truncated,
         )
+
+    def _encode_serial(
+        self,
+        items: list[str],
+        max_len: int,
+        batch_size: int | None,
+        flags: tuple[bool, bool, bool],
+        collect: Callable[[np.ndarray, list[Any]], None],
+        pipelined: bool,
+    ) -> tuple[np.ndarray, list[int]]:
+        """Tokenise everything, then run the batches from the longest texts down on this thread.
+
+        ``pipelined`` (GPU): batch k+1 is queued before batch k's outputs are fetched.
+        """
+        ids, truncated = self._tokenize(items, max_len)
+        lengths = np.fromiter((len(r) for r in ids), dtype=np.int64, count=len(ids))
+        order = np.argsort(-lengths, kind="stable")
+        pending: tuple[np.ndarray, _Launched] | None = None  # queued, outputs not fetched yet
+        for batch in self._batches(lengths, order, batch_size):
+            rows = [ids[i] for i in batch]
+            launched = self._launch_or_none(rows, flags) if pipelined else None
+            if pending is not None:  # fetch the previous batch while this one runs
+                collect(pending[0], self._per_text(*self._finish(pending[1]), len(pending[0])))
+                pending = None
+            if launched is not None:
+                pending = (batch, launched)
+            else:
+                collect(batch, self._forward_resilient(rows, flags))
+        if pending is not None:
+            collect(pending[0], self._per_text(*self._finish(pending[1]), len(pending[0])))
+        return lengths, truncated
+
+    def _tokenized_chunks(
+        self, items: list[str], max_len: int, pool: ThreadPoolExecutor
+    ) -> Iterator[tuple[int, list[list[int]], list[int]]]:
+        """``(first index, ids, truncated indices within the chunk)`` chunk by chunk.
+
+        The next chunk is tokenised on ``pool`` while the caller works on this one (the fast
+        tokenizer releases the GIL). Chunks grow: ``_first_chunk_texts`` texts, then one token
+        budget's worth (at the mean length seen so far), then each chunk doubles the tokens
+        tokenised in all, adding ``_max_chunk_budgets`` budgets at most.
+        """
+        n = len(items)
+        start, size = 0, min(n, self._first_chunk_texts)
+        future = pool.submit(self._tokenize, items[:size], max_len)
+        texts_seen = tokens_seen = target = 0  # target: tokens tokenised in all after the next chunk
+        while True:
+            ids, truncated = future.result()
+            end = start + len(ids)
+            if end < n:  # queue the next chunk before handing this one over
+                texts_seen += len(ids)
+                tokens_seen += sum(len(r) for r in ids)
+                budget = self.tokens_per_batch
+                grow = min(target, self._max_chunk_budgets * budget)
+                target = target + grow if target else tokens_seen + budget
+                per_text = max(1.0, tokens_seen / texts_seen)
+                size = max(self._first_chunk_texts, int((target - tokens_seen) / per_text + 0.999))
+                future = pool.submit(self._tokenize, items[end : end + size], max_len)
+            yield start, ids, truncated
+            if end >= n:
+                return
+            start = end
+
+    def _encode_threaded(
+        self,
+        items: list[str],
+        max_len: int,
+        batch_size: int | None,
+        flags: tuple[bool, bool, bool],
+        collect: Callable[[np.ndarray, list[Any]], None],
+    ) -> tuple[np.ndarray, list[int]]:
+        """The threaded pipeline (see ``_threaded``): this thread only cuts and queues batches.
+
+        Batches are cut as in ``_encode_serial`` but from each chunk (plus the texts the previous
+        chunk left over) sorted by length, so every batch is full but those of the first chunk
+        (``_early_first_chunk``) and the last ones (``_tail_pieces``). At most ``_pipeline_depth``
+        batches are queued and not yet finished.
+        """
+        n = len(items)
+        ids: list[list[int]] = []
+        lengths = np.zeros(n, dtype=np.int64)
+        truncated: list[int] = []
+        depth = max(1, int(self._pipeline_depth))
+        in_flight: deque[tuple[np.ndarray, Future[list[Any]]]] = deque()
+
+        def finish(launched: _Launched, count: int) -> list[Any]:
+            return self._per_text(*self._finish(launched, copying), count)
+
+        def drain(keep: int) -> None:
+            while len(in_flight) > keep:
+                batch, future = in_flight.popleft()
+                collect(batch, future.result())
+
+        tokenizing = ThreadPoolExecutor(1, thread_name_prefix="m3connect-tokenize")
+        finishing = ThreadPoolExecutor(1, thread_name_prefix="m3connect-finish")
+        copying = ThreadPoolExecutor(1, thread_name_prefix="m3connect-copy")  # ColBERT copies
+        try:
+            left: np.ndarray = np.zeros(0, dtype=np.int64)  # indices not batched yet
+            for start, chunk, cut in self._tokenized_chunks(items, max_len, tokenizing):
+                end = start + len(chunk)
+                ids.extend(chunk)
+                lengths[start:end] = [len(r) for r in chunk]
+                truncated.extend(start + i for i in cut)
+                pool = np.concatenate([left, np.arange(start, end, dtype=np.int64)])
+                order = pool[np.argsort(-lengths[pool], kind="stable")]  # ties: lower index first
+                final = end >= n
+                rest: list[np.ndarray] | None = None if final or (start == 0 and self._early_first_chunk) else []
+                tail = int(self._tail_pieces) if final else 1
+                for batch in self._batches(lengths, order, batch_size, rest, tail):
+                    rows = [ids[i] for i in batch]
+                    launched = self._launch_or_none(rows, flags)
+                    if launched is None:  # GPU out of memory: free what is queued, then split
+                        drain(0)
+                        collect(batch, self._forward_resilient(rows, flags))
+                        continue
+                    in_flight.append((batch, finishing.submit(finish, launched, len(batch))))
+                    drain(depth - 1)
+                left = rest[0] if rest else np.zeros(0, dtype=np.int64)
+            drain(0)
+        finally:
+            tokenizing.shutdown(wait=True, cancel_futures=True)
+            finishing.shutdown(wait=True, cancel_futures=True)
+            copying.shutdown(wait=True, cancel_futures=True)
+        return lengths, truncated
 
     def encode_one(self, text: str, *, max_length: int | None = None) -> Vectors:
         """All three representations of a single text (e.g. a query)."""
