@@ -183,7 +183,7 @@ def test_threaded_batches_are_full_but_the_last(
 def test_last_batch_is_split_for_a_short_tail(tiny_checkpoint: Path, compiled: bool) -> None:
     enc = M3Encoder(tiny_checkpoint, device="cpu", dtype="float32", show_progress=False, tokens_per_batch=65536)
     enc.compiled = compiled  # only the cutting is exercised: compiled batches have power-of-two rows
-    lengths = np.full(228, 512)
+    lengths = np.full(256, 512)  # indexed by every order below
     sizes = [len(b) for b in enc._batches(lengths, np.arange(228), None, tail_pieces=4)]
     assert sizes == ([128, 64, 36] if compiled else [128, 34, 34, 32])  # 100 rows: 3 quarter budgets
     assert [len(b) for b in enc._batches(lengths, np.arange(192), None, tail_pieces=4)] == [128, 32, 32]
@@ -325,3 +325,19 @@ def test_threaded_path_is_the_gpu_default_for_more_than_a_chunk(
     enc._pipeline = False
     enc.encode(["x"] * 100, return_dense=False, return_sparse=False, return_colbert=False)
     assert taken[-1] == "serial"
+
+
+def test_batches_are_cut_where_padding_would_waste_work(tiny_checkpoint: Path) -> None:
+    """Mixed lengths: a batch stops before texts much shorter than its longest (each text is
+    padded to it); equal lengths: batches still fill the budget."""
+    enc = M3Encoder(tiny_checkpoint, device="cpu", dtype="float32", show_progress=False, tokens_per_batch=4096)
+    lengths = np.array([200] * 8 + [40] * 60)  # one budget would hold 20 rows of 200 tokens
+    batches = list(enc._batches(lengths, np.arange(len(lengths)), None))
+    assert [len(b) for b in batches][:2] == [8, 60]  # 8 long ones alone, then the short ones together
+    padded = sum(len(b) * int(lengths[b].max()) for b in batches)
+    assert padded == lengths.sum()  # no padding at all here; the budget-only cut padded 12 x 160
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    equal = np.full(100, 64)
+    assert [len(b) for b in enc._batches(equal, np.arange(100), None)] == [64, 36]
+    enc.compiled = True  # static shapes: budget cuts only
+    assert [len(b) for b in enc._batches(lengths, np.arange(len(lengths)), None)][0] == 4096 // enc._compile_width(200)
