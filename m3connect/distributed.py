@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from .adapters.base import CollectionSpec
+from .colbert_storage import COLBERT_DTYPES, check_pool_factor
 from .defaults import DEFAULT_MODEL
 from .errors import IngestError, InvalidInputError, M3Error, MissingDependencyError, SchemaMismatchError
 
@@ -145,14 +146,14 @@ class EncoderFactory:
         return f"EncoderFactory({self.model!r})"
 
 
-def _spec_of(encoder: Any, colbert_dtype: str) -> CollectionSpec:
+def _spec_of(encoder: Any, storage: Mapping[str, Any]) -> CollectionSpec:
     return CollectionSpec(model=encoder.model_name, fingerprint=encoder.fingerprint,
-                          dense_dim=encoder.dense_dim, colbert_dim=encoder.colbert_dim, colbert_dtype=colbert_dtype)
+                          dense_dim=encoder.dense_dim, colbert_dim=encoder.colbert_dim, **storage)
 
 
-def _probe_spec(factory: EncoderFactory, colbert_dtype: str) -> CollectionSpec:
+def _probe_spec(factory: EncoderFactory, storage: Mapping[str, Any]) -> CollectionSpec:
     """Load the encoder once to learn the spec of a collection that does not exist yet."""
-    return _spec_of(factory(), colbert_dtype)
+    return _spec_of(factory(), storage)
 
 
 def _check_spec(collection: str, stored: CollectionSpec, encoder: Any) -> None:
@@ -558,7 +559,8 @@ def ingest(
     batch_size: int = 256,
     skip_existing: bool = True,
     max_length: int | None = None,
-    colbert_dtype: str = "float32",
+    colbert_dtype: str | None = None,
+    colbert_pool_factor: int | None = None,
     cpus_per_encoder: float | None = None,
     gpus_per_encoder: float | None = None,
     writer_cpus: float = 0,
@@ -595,6 +597,9 @@ def ingest(
         cpus_per_encoder / gpus_per_encoder: resources of each encoder actor (default: 1 GPU
             and 1 CPU on GPU clusters; else the CPUs of the biggest node shared out).
         writer_cpus: CPUs reserved per writer (default 0: writers mostly wait on the engine).
+        colbert_dtype / colbert_pool_factor: ColBERT storage of a new collection (default
+            float32, no pooling; see :func:`m3connect.connect`). For an existing collection,
+            leave them out or give its own: another value is a ``SchemaMismatchError``.
         fmt, text_field, id_field, metadata_fields, skip_bad, delimiter: as ``m3connect ingest``.
         store_options: engine options passed to :func:`m3connect.connect` (credentials...).
         ray_address: ``None`` uses the running Ray (or starts a local one); ``"auto"`` or
@@ -604,7 +609,7 @@ def ingest(
         raise_on_failure: raise :class:`IngestError` naming the failed ids (else only report them).
     """
     ray = _ray()
-    from .store import parse_uri
+    from .store import _check_storage, parse_uri
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -614,6 +619,13 @@ def ingest(
     location = parse_uri(uri)
     if location.path == ":memory:":
         raise InvalidInputError("qdrant://:memory: lives inside one process; use qdrant:///abs/dir or a server")
+    storage: dict[str, Any] = {}  # the ColBERT storage options asked for
+    if colbert_dtype is not None:
+        if colbert_dtype not in COLBERT_DTYPES:
+            raise InvalidInputError(f"colbert_dtype must be one of {COLBERT_DTYPES}, got {colbert_dtype!r}")
+        storage["colbert_dtype"] = colbert_dtype
+    if colbert_pool_factor is not None:
+        storage["colbert_pool_factor"] = check_pool_factor(colbert_pool_factor)
     say = log or logger.info
     options = dict(store_options or {})
     fail_ids = frozenset(_fail_ids)
@@ -669,7 +681,7 @@ def ingest(
                 probe.close()
         if stored is None:  # a new collection: its spec comes from the model, loaded once here
             task = ray.remote(num_cpus=min(cpus, 1.0), num_gpus=gpus)(_probe_spec)
-            spec = ray.get(task.remote(factory, colbert_dtype))
+            spec = ray.get(task.remote(factory, storage))
             if owner is not None:
                 spec = ray.get(owner.create.remote(spec))
             else:
@@ -678,6 +690,7 @@ def ingest(
                 created.close()
             say(f"created collection {collection!r} for {spec.model} (fingerprint {spec.fingerprint})")
         else:
+            _check_storage(collection, stored, storage, storage)
             spec = stored
 
         if owner is not None:

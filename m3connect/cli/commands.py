@@ -95,8 +95,6 @@ def _ingest_on_ray(args: argparse.Namespace, path: Path, fmt: str) -> int:
     for name in ("encoders", "writers"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1")
-    if args.colbert_pool_factor not in (None, 1):
-        raise UsageError("--colbert-pool-factor is not supported with --ray yet; ingest without --ray")
     from ..errors import IngestError
     from ..remote import is_remote_model
 
@@ -112,7 +110,8 @@ def _ingest_on_ray(args: argparse.Namespace, path: Path, fmt: str) -> int:
             path, uri=args.uri, collection=args.collection, model=args.model,
             encoder_options={"device": args.device, "dtype": args.dtype, "max_length": args.max_length},
             encoders=args.encoders, writers=args.writers, batch_size=args.batch_size, skip_existing=args.resume,
-            colbert_dtype=args.colbert_dtype or "float32", fmt=fmt, text_field=args.text_field, id_field=args.id_field,
+            colbert_dtype=args.colbert_dtype, colbert_pool_factor=args.colbert_pool_factor,
+            fmt=fmt, text_field=args.text_field, id_field=args.id_field,
             metadata_fields=_fields(args.metadata_fields), skip_bad=args.skip_bad_lines, delimiter=args.delimiter,
             ray_address=args.ray_address, progress_interval=10.0 if _progress(args) else None, log=say,
         )

@@ -171,6 +171,34 @@ def test_cli_ingest_ray_into_qdrant_edge_matches_single_process(ray_local, encod
     assert (again["written"], again["skipped"], again["count"]) == (0, len(docs), len(docs))
 
 
+def test_token_pooling_and_storage_checks_on_ray(ray_local, encoder, tiny_checkpoint, tmp_path) -> None:
+    """``colbert_pool_factor`` pools at ingestion as the single-process store does; another
+    storage option than the collection's is refused before anything is written."""
+    docs = _corpus()
+    single = m3connect.connect(f"milvus:///{tmp_path}/single.db", "c", encoder, colbert_pool_factor=2)
+    single.ingest(docs, encode_batch_size=16, show_progress=False)
+    report = ingest(docs, uri=f"milvus:///{tmp_path}/ray.db", collection="c", batch_size=16,
+                    colbert_pool_factor=2, **_options(tiny_checkpoint))
+    assert report.written == len(docs)
+    distributed = m3connect.connect(f"milvus:///{tmp_path}/ray.db", "c", encoder)
+    try:
+        assert distributed.spec.colbert_pool_factor == 2
+        _assert_same(single, distributed, _ids(docs))
+        assert all(len(r.colbert) < len(encoder.encode_one(r.text).colbert)
+                   for r in distributed.adapter.fetch(_ids(docs)[:5]).values())
+    finally:
+        distributed.close()
+        single.close()
+    with pytest.raises(m3connect.SchemaMismatchError, match="colbert_pool_factor"):
+        ingest(docs[:3], uri=f"milvus:///{tmp_path}/ray.db", collection="c", colbert_pool_factor=3,
+               **_options(tiny_checkpoint))
+    with pytest.raises(m3connect.SchemaMismatchError, match="colbert_dtype"):
+        ingest(docs[:3], uri=f"milvus:///{tmp_path}/ray.db", collection="c", colbert_dtype="float16",
+               **_options(tiny_checkpoint))
+    again = ingest(docs, uri=f"milvus:///{tmp_path}/ray.db", collection="c", **_options(tiny_checkpoint))
+    assert (again.written, again.skipped, again.count) == (0, len(docs), len(docs))
+
+
 def test_cli_ray_options_need_ray(tmp_path, capsys) -> None:
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "x"}\n')
