@@ -172,3 +172,19 @@ def test_qdrant_refusal_names_the_engine_and_the_options() -> None:
     with pytest.raises(InvalidInputError, match=r"Qdrant cannot store ColBERT as colbert_dtype='int8'.*float32 or fl"):
         cs.require_dtype("Qdrant", spec, ("float32", "float16"))
     cs.require_dtype("Qdrant", CollectionSpec("m", "f", 8, 8, colbert_pool_factor=2), ("float32", "float16"))
+
+
+def test_long_documents_are_pooled_window_by_window(monkeypatch) -> None:
+    """Ward is quadratic in rows: past POOL_WINDOW rows each balanced window pools on its own,
+    so clusters never span windows and the result is the windows' results in order."""
+    monkeypatch.setattr(cs, "POOL_WINDOW", 40)
+    rng = np.random.default_rng(5)
+    m = rng.standard_normal((100, 16)).astype(np.float32)
+    pooled = cs.pool_tokens(m, 2)
+    windows = np.array_split(m, 3)  # ceil(100 / 40) balanced windows: 34, 33, 33 rows
+    expected = np.concatenate([cs.pool_tokens(w, 2) for w in windows])
+    np.testing.assert_array_equal(pooled, expected)
+    assert len(pooled) == 17 + 17 + 17  # one row more than ceil(100 / 2): one per extra window
+    assert np.allclose(np.linalg.norm(pooled, axis=1), 1.0, atol=1e-6)
+    short = m[:40]  # at the window size: one piece, exactly ceil(n / factor) rows
+    assert len(cs.pool_tokens(short, 2)) == 20
