@@ -34,7 +34,7 @@ from .base import (
     RouteScores,
     one_line,
 )
-from .point_ids import point_id
+from .qdrant_common import point_id, record_of
 
 try:
     from qdrant_client import QdrantClient, models
@@ -84,10 +84,6 @@ def _condition(node: FilterNode) -> Any:
     assert isinstance(node, Or)
     return models.Filter(should=[_condition(n) for n in node.items])
 
-
-def _record(payload: dict[str, Any]) -> Record:
-    """A record (no vectors) from a point's payload."""
-    return Record(id=payload["doc_id"], text=payload.get("text", ""), metadata=payload.get("metadata") or {})
 
 
 def _usable(route: str, query: Vectors) -> bool:
@@ -239,7 +235,7 @@ class QdrantAdapter(Adapter):
                 self.collection, ids=[point_id(i) for i in chunk], with_payload=True, with_vectors=names or False
             )
             for p in points:
-                rec = _record(p.payload or {})
+                rec = record_of(p.payload or {})
                 vec = p.vector if isinstance(p.vector, dict) else {}
                 if "dense" in names:
                     rec.dense = np.asarray(vec["dense"], np.float32)
@@ -267,26 +263,27 @@ class QdrantAdapter(Adapter):
     def _query_points(self, **kwargs: Any) -> list[Any]:
         return list(self.client.query_points(self.collection, **kwargs).points)
 
-    def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
+    def _route_points(
+        self, route: Route, query: Any, k: int, flt: FilterNode | None, payload: Any
+    ) -> list[tuple[dict[str, Any], float]]:
+        """(payload, exact route score) of the route's top k, filtered in the engine."""
         if query is None or len(query) == 0:
             return []
         scale = self._scale(route, query)
         points = self._query_points(
-            query=self._query(route, query), using=route, limit=k,
-            query_filter=compile_filter(flt), with_payload=["doc_id"],
+            query=self._query(route, query), using=route, limit=k, query_filter=compile_filter(flt),
+            with_payload=payload,
         )
-        return [((p.payload or {})["doc_id"], float(p.score) * scale) for p in points]
+        return [(p.payload or {}, float(p.score) * scale) for p in points]
+
+    def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
+        return [(payload["doc_id"], s) for payload, s in self._route_points(route, query, k, flt, ["doc_id"])]
 
     def search_route_records(
         self, route: Route, query: Any, k: int, flt: FilterNode | None
     ) -> list[RecordCandidate]:
-        if query is None or len(query) == 0:
-            return []
-        scale = self._scale(route, query)
-        points = self._query_points(
-            query=self._query(route, query), using=route, limit=k, query_filter=compile_filter(flt), with_payload=True
-        )
-        return [(rec.id, float(p.score) * scale, rec) for p in points for rec in [_record(p.payload or {})]]
+        hits = self._route_points(route, query, k, flt, True)
+        return [(rec.id, s, rec) for payload, s in hits for rec in [record_of(payload)]]
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Per-route scores of ``ids`` from ``query_points`` restricted to them (``HasIdCondition``).

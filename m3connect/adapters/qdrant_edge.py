@@ -44,7 +44,7 @@ from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
 from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RecordCandidate, RouteScores
-from .point_ids import point_id
+from .qdrant_common import point_id, record_of
 
 try:
     import qdrant_edge as qe
@@ -204,10 +204,6 @@ def _edge_config(spec: CollectionSpec, wal: bool = True) -> Any:
         wal_enabled=wal,
     )
 
-
-def _record(payload: dict[str, Any]) -> Record:
-    """A record (no vectors) from a point's payload."""
-    return Record(id=payload["doc_id"], text=payload.get("text", ""), metadata=payload.get("metadata") or {})
 
 
 def _usable(route: str, query: Vectors) -> bool:
@@ -405,7 +401,7 @@ class QdrantEdgeAdapter(Adapter):
         points = self.shard.retrieve(pids, with_payload=True, with_vector=names or False)
         out: dict[str, Record] = {}
         for p in points:
-            rec = _record(p.payload or {})
+            rec = record_of(p.payload or {})
             vec = p.vector or {}
             if "dense" in names:
                 rec.dense = np.asarray(vec["dense"], np.float32)
@@ -446,27 +442,25 @@ class QdrantEdgeAdapter(Adapter):
     def _run(self, request: Any) -> list[Any]:
         return list(self.shard.query(request))
 
-    def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
+    def _route_points(
+        self, route: Route, query: Any, k: int, flt: FilterNode | None, payload: Any
+    ) -> list[tuple[dict[str, Any], float]]:
+        """(payload, exact route score) of the route's top k, filtered in the engine."""
         if query is None or len(query) == 0:
             return []
         scale = self._scale(route, query)
-        points = self._run(
-            qe.QueryRequest(
-                limit=k, query=self._nearest(route, query), filter=compile_filter(flt), with_payload=["doc_id"]
-            )
-        )
-        return [(p.payload["doc_id"], float(p.score) * scale) for p in points]
+        request = qe.QueryRequest(limit=k, query=self._nearest(route, query), filter=compile_filter(flt),
+                                  with_payload=payload)
+        return [(p.payload or {}, float(p.score) * scale) for p in self._run(request)]
+
+    def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
+        return [(payload["doc_id"], s) for payload, s in self._route_points(route, query, k, flt, ["doc_id"])]
 
     def search_route_records(
         self, route: Route, query: Any, k: int, flt: FilterNode | None
     ) -> list[RecordCandidate]:
-        if query is None or len(query) == 0:
-            return []
-        scale = self._scale(route, query)
-        points = self._run(
-            qe.QueryRequest(limit=k, query=self._nearest(route, query), filter=compile_filter(flt), with_payload=True)
-        )
-        return [(rec.id, float(p.score) * scale, rec) for p in points for rec in [_record(p.payload or {})]]
+        hits = self._route_points(route, query, k, flt, True)
+        return [(rec.id, s, rec) for payload, s in hits for rec in [record_of(payload)]]
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Per-route scores of ``ids`` from queries restricted to them (``HasIdCondition``).
