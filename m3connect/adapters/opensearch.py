@@ -27,7 +27,7 @@ Layout of one document (``_id`` = the m3connect id; layout version 2)::
 ``_source.excludes``): the stored source holds text, metadata, dense and the exact sparse
 weights only, so text fetches stay light. ColBERT matrices are read back from doc values.
 
-Scoring happens in the engine, in double precision, with painless scripts over doc values
+Scoring happens in the engine (double sums; MaxSim rows in float) with painless scripts over doc values
 (:data:`_LIB`): inner products of ``dense``, a merge join over ``sparse_x``, and MaxSim over
 the bytes of ``cb`` divided by ``n_q``. :meth:`~OpenSearchAdapter.score` returns them as
 ``script_fields`` of an ``ids`` query; ``engine_search`` uses the same functions in its
@@ -809,8 +809,8 @@ class OpenSearchAdapter(Adapter):
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Exact scores of ``ids`` in the engine: a search (``ids`` query, ``_source: false``)
-        whose ``script_fields`` compute each route in painless (double precision). Only ids
-        and numbers come back. With ColBERT, the ids are split over ``search_concurrency``
+        whose ``script_fields`` compute each route in painless (double sums; MaxSim rows in
+        float). Only ids and numbers come back. With ColBERT, the ids are split over ``search_concurrency``
         concurrent searches (MaxSim is the cost; each search runs on one search thread)."""
         if not ids or not routes:
             return {}
