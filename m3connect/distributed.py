@@ -561,6 +561,7 @@ def ingest(
     max_length: int | None = None,
     colbert_dtype: str | None = None,
     colbert_pool_factor: int | None = None,
+    store_colbert: bool | None = None,
     cpus_per_encoder: float | None = None,
     gpus_per_encoder: float | None = None,
     writer_cpus: float = 0,
@@ -597,8 +598,8 @@ def ingest(
         cpus_per_encoder / gpus_per_encoder: resources of each encoder actor (default: 1 GPU
             and 1 CPU on GPU clusters; else the CPUs of the biggest node shared out).
         writer_cpus: CPUs reserved per writer (default 0: writers mostly wait on the engine).
-        colbert_dtype / colbert_pool_factor: ColBERT storage of a new collection (default
-            float32, no pooling; see :func:`m3connect.connect`). For an existing collection,
+        colbert_dtype / colbert_pool_factor / store_colbert: ColBERT storage of a new
+            collection (default float32, no pooling, stored; see :func:`m3connect.connect`). For an existing collection,
             leave them out or give its own: another value is a ``SchemaMismatchError``.
         fmt, text_field, id_field, metadata_fields, skip_bad, delimiter: as ``m3connect ingest``.
         store_options: engine options passed to :func:`m3connect.connect` (credentials...).
@@ -626,6 +627,10 @@ def ingest(
         storage["colbert_dtype"] = colbert_dtype
     if colbert_pool_factor is not None:
         storage["colbert_pool_factor"] = check_pool_factor(colbert_pool_factor)
+    if store_colbert is not None:
+        if not isinstance(store_colbert, bool):
+            raise InvalidInputError(f"store_colbert must be True or False, got {store_colbert!r}")
+        storage["store_colbert"] = store_colbert
     say = log or logger.info
     options = dict(store_options or {})
     fail_ids = frozenset(_fail_ids)

@@ -48,6 +48,8 @@ class QueryStats:
     fetched_records: int = 0
     #: candidates never scored for ColBERT because they provably could not reach the top k
     pruned: int = 0
+    #: the (dense, sparse, colbert) weights the search used
+    weights: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 def candidate_routes(weights: Weights, asked: Sequence[str] | None = None) -> tuple[Route, ...]:

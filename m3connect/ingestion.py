@@ -12,6 +12,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .adapters.base import Adapter, CollectionSpec, Record
 from .colbert_storage import pool_tokens
 from .errors import IngestError, InvalidInputError, InvalidTypeError
@@ -113,7 +115,10 @@ def _write_batches(
 ) -> None:
     """Cut records into batches by bytes and upsert them, each under ``lock``; a failure names its batch."""
     limit = adapter.max_batch_bytes
-    if spec.colbert_pool_factor > 1:  # token pooling happens here, once, for every engine
+    if not spec.store_colbert:  # the collection keeps no ColBERT: each matrix is stored empty
+        for rec in records:
+            rec.colbert = np.zeros((0, spec.colbert_dim), np.float32)
+    elif spec.colbert_pool_factor > 1:  # token pooling happens here, once, for every engine
         for rec in records:
             rec.colbert = pool_tokens(rec.colbert, spec.colbert_pool_factor)
     row_bytes = spec.colbert_row_bytes

@@ -382,7 +382,9 @@ class M3Store:
         Args:
             query: the query text.
             k: number of hits.
-            weights: ``(dense, sparse, colbert)``; a zero weight drops that route.
+            weights: ``(dense, sparse, colbert)``; a zero weight drops that route. A
+                collection created with ``store_colbert=False`` searches with
+                ``(0.4, 0.2, 0)`` by default and refuses a ColBERT weight.
             filter: metadata filter (see :mod:`m3connect.filters`).
             fusion: ``"exact"`` rescores candidates in the client (``Hit.score`` equals
                 ``compute_score``); ``"engine"`` pushes the weighted sum into the engine;
@@ -426,11 +428,19 @@ class M3Store:
         depth = candidate_depth or self.candidate_depth or max(100, 10 * k)
         depth = min(max(depth, k), _MAX_K)
         adapter = self._reader()
+        if not self.spec.store_colbert:
+            if weights is DEFAULT_WEIGHTS:  # the default without its ColBERT part
+                w = scoring.validate_weights((DEFAULT_WEIGHTS[0], DEFAULT_WEIGHTS[1], 0.0))
+            elif w.colbert > 0 or "colbert" in (candidate_routes or ()):
+                raise InvalidInputError(
+                    f"collection {self.collection!r} stores no ColBERT vectors (store_colbert=False): search "
+                    f"with weights without a ColBERT part, e.g. (0.4, 0.2, 0), not {tuple(w)}"
+                )
         try:
             q = Vectors.of(query)
         except TypeError as exc:
             raise InvalidTypeError(f"query: {exc}") from None
-        stats = self.last_query_stats = _fusion.QueryStats()
+        stats = self.last_query_stats = _fusion.QueryStats(weights=(w.dense, w.sparse, w.colbert))
         if fusion not in ("exact", "engine", "rrf"):
             raise InvalidInputError(f"fusion must be 'exact', 'engine' or 'rrf', got {fusion!r}")
         t0 = time.perf_counter()
@@ -486,6 +496,7 @@ def connect(
     *,
     colbert_dtype: str | None = None,
     colbert_pool_factor: int | None = None,
+    store_colbert: bool | None = None,
     candidate_depth: int | None = None,
     max_length: int | None = None,
     query_max_length: int | None = None,
@@ -511,7 +522,10 @@ def connect(
             stay float). See :mod:`m3connect.colbert_storage`; Qdrant keeps float32/float16 only.
         colbert_pool_factor: token pooling at ingestion: each document keeps
             ``ceil(tokens / factor)`` Ward-clustered mean vectors (default 1: all of them).
-            Both ColBERT options are fixed when the collection is created. Left out (``None``),
+        store_colbert: ``False`` creates a collection that keeps no ColBERT vectors (each
+            document's matrix is stored empty, ~0 bytes): searches default to weights
+            ``(0.4, 0.2, 0)`` and a ColBERT weight is an ``InvalidInputError``.
+            The ColBERT options are fixed when the collection is created. Left out (``None``),
             a reopen uses what the collection stores; given, they must match it
             (``SchemaMismatchError`` otherwise).
         candidate_depth: candidates per route for exact fusion.
@@ -538,7 +552,9 @@ def connect(
         options = {**options, "client": uri}
         uri = f"{location.engine} client"
     storage: dict[str, Any] = {
-        name: value for name, value in (("colbert_dtype", colbert_dtype), ("colbert_pool_factor", colbert_pool_factor))
+        name: value
+        for name, value in (("colbert_dtype", colbert_dtype), ("colbert_pool_factor", colbert_pool_factor),
+                            ("store_colbert", store_colbert))
         if value is not None
     }
     if encoder is not None:
@@ -598,7 +614,7 @@ def connect(
                    query_max_length=query_max_length, lock=_lock_for(location))
 
 
-_STORAGE_FIELDS = ("colbert_dtype", "colbert_pool_factor")
+_STORAGE_FIELDS = ("colbert_dtype", "colbert_pool_factor", "store_colbert")
 
 
 def _non_default_storage(spec: CollectionSpec) -> set[str]:
@@ -612,7 +628,8 @@ def _check_storage(collection: str, existing: CollectionSpec, wanted: Mapping[st
         if name in asked and getattr(existing, name) != wanted[name]:
             raise SchemaMismatchError(
                 f"collection {collection!r} stores ColBERT as {existing.colbert_dtype} with "
-                f"colbert_pool_factor={existing.colbert_pool_factor}, but {name}={wanted[name]!r} was asked: "
+                f"colbert_pool_factor={existing.colbert_pool_factor}, store_colbert={existing.store_colbert}, "
+                f"but {name}={wanted[name]!r} was asked: "
                 "ColBERT storage is fixed when a collection is created. Leave the option out to use the "
                 "stored one, or write to another collection."
             )

@@ -76,8 +76,10 @@ class CollectionSpec:
 
     ColBERT storage (:mod:`m3connect.colbert_storage`): ``colbert_dtype`` is one of
     ``float32``, ``float16``, ``int8`` (per-row scale) or ``binary`` (1 bit per value);
-    ``colbert_pool_factor`` > 1 pools each document's token vectors at ingestion. Both are
-    fixed at creation. A spec written before these fields existed reads as float32/1.
+    ``colbert_pool_factor`` > 1 pools each document's token vectors at ingestion;
+    ``store_colbert=False`` keeps no ColBERT vectors at all (every document's matrix is
+    stored empty; searches use dense and sparse). All are fixed at creation. A spec written
+    before these fields existed reads as float32 / 1 / True.
 
     >>> CollectionSpec(model="my-m3", fingerprint="v1", dense_dim=1024, colbert_dim=1024).colbert_itemsize
     4
@@ -92,8 +94,11 @@ class CollectionSpec:
     colbert_dtype: str = "float32"
     schema_version: int = SCHEMA_VERSION
     colbert_pool_factor: int = 1
+    store_colbert: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.store_colbert, bool):
+            raise InvalidInputError(f"store_colbert must be True or False, got {self.store_colbert!r}")
         if self.colbert_dtype not in COLBERT_DTYPES:
             raise InvalidInputError(
                 f"colbert_dtype must be one of {COLBERT_DTYPES}, got {self.colbert_dtype!r}"

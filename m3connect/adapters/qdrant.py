@@ -177,21 +177,23 @@ class QdrantAdapter(Adapter):
             return np.asarray(colbert, np.float16).astype(np.float32)
         return np.asarray(colbert, np.float32)
 
+    @property
+    def _no_colbert(self) -> np.ndarray:
+        """What a point stored without a ColBERT multivector (an empty matrix) reads back as."""
+        return np.zeros((0, self.spec.colbert_dim if self.spec else 0), np.float32)
+
     def upsert(self, records: Sequence[Record]) -> None:
         points = []
         for r in records:
             assert r.dense is not None and r.sparse is not None and r.colbert is not None
-            points.append(
-                models.PointStruct(
-                    id=point_id(r.id),
-                    vector={
-                        "dense": r.dense.tolist(),
-                        "sparse": models.SparseVector(indices=list(r.sparse), values=list(r.sparse.values())),
-                        "colbert": self._stored_colbert(r.colbert).tolist(),
-                    },
-                    payload={"doc_id": r.id, "text": r.text, "metadata": r.metadata},
-                )
-            )
+            vector: dict[str, Any] = {
+                "dense": r.dense.tolist(),
+                "sparse": models.SparseVector(indices=list(r.sparse), values=list(r.sparse.values())),
+            }
+            if len(r.colbert):  # Qdrant refuses an empty multivector: the point goes without one
+                vector["colbert"] = self._stored_colbert(r.colbert).tolist()
+            points.append(models.PointStruct(id=point_id(r.id), vector=vector,
+                                             payload={"doc_id": r.id, "text": r.text, "metadata": r.metadata}))
         if self._local:
             self.client.upsert(self.collection, points=points, wait=True)  # errors: translate_error
         else:  # a server: the client's own uploader retries transient failures with backoff
@@ -243,7 +245,7 @@ class QdrantAdapter(Adapter):
                     sparse = cast(models.SparseVector, vec["sparse"])
                     rec.sparse = dict(zip(sparse.indices, sparse.values))
                 if "colbert" in names:
-                    rec.colbert = np.asarray(vec["colbert"], np.float32)
+                    rec.colbert = np.asarray(vec.get("colbert", self._no_colbert), np.float32)
                 out[rec.id] = rec
         return out
 

@@ -345,6 +345,11 @@ class QdrantEdgeAdapter(Adapter):
 
     # -- data -------------------------------------------------------------------------------
 
+    @property
+    def _no_colbert(self) -> np.ndarray:
+        """What a point stored without a ColBERT multivector (an empty matrix) reads back as."""
+        return np.zeros((0, self.spec.colbert_dim if self.spec else 0), np.float32)
+
     def upsert(self, records: Sequence[Record]) -> None:
         points = []
         for r in records:
@@ -353,8 +358,9 @@ class QdrantEdgeAdapter(Adapter):
             vector = {
                 "dense": np.asarray(r.dense, np.float32).tolist(),
                 "sparse": qe.SparseVector(list(r.sparse), list(r.sparse.values())),
-                "colbert": np.asarray(r.colbert, np.float32).tolist(),
             }
+            if len(r.colbert):  # Qdrant refuses an empty multivector: the point goes without one
+                vector["colbert"] = np.asarray(r.colbert, np.float32).tolist()
             payload = {"doc_id": r.id, "text": r.text, "metadata": r.metadata}
             points.append(qe.Point(point_id(r.id), vector, payload))
         self.shard.update(qe.UpdateOperation.upsert_points(points))  # errors: translate_error
@@ -409,7 +415,7 @@ class QdrantEdgeAdapter(Adapter):
                 sparse = vec["sparse"]
                 rec.sparse = dict(zip(sparse.indices, sparse.values))
             if "colbert" in names:
-                rec.colbert = np.asarray(vec["colbert"], np.float32)
+                rec.colbert = np.asarray(vec.get("colbert", self._no_colbert), np.float32)
             out[rec.id] = rec
         return out
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..defaults import DEFAULT_WEIGHTS
 from .common import (
     UsageError,
     _check_uri,
@@ -111,6 +112,7 @@ def _ingest_on_ray(args: argparse.Namespace, path: Path, fmt: str) -> int:
             encoder_options={"device": args.device, "dtype": args.dtype, "max_length": args.max_length},
             encoders=args.encoders, writers=args.writers, batch_size=args.batch_size, skip_existing=args.resume,
             colbert_dtype=args.colbert_dtype, colbert_pool_factor=args.colbert_pool_factor,
+            store_colbert=args.store_colbert,
             fmt=fmt, text_field=args.text_field, id_field=args.id_field,
             metadata_fields=_fields(args.metadata_fields), skip_bad=args.skip_bad_lines, delimiter=args.delimiter,
             ray_address=args.ray_address, progress_interval=10.0 if _progress(args) else None, log=say,
@@ -143,11 +145,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     args.uri = _check_uri(args.uri)
     if args.k < 1:
         raise UsageError(f"-k must be >= 1, got {args.k}")
-    weights = _parse_weights(args.weights)
+    weights: tuple[float, float, float] = DEFAULT_WEIGHTS if args.weights is None else _parse_weights(args.weights)
     flt = _parse_filter(args.filter)
     encoder = _load_encoder(args)
     with _connect(args, encoder) as store:
         hits = store.search(args.query, k=args.k, weights=weights, filter=flt, fusion=args.fusion)
+        weights = store.last_query_stats.weights  # the weights used (a store without ColBERT drops its part)
     if args.json:
         out = {
             "query": args.query,

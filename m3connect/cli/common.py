@@ -144,6 +144,8 @@ def _connect(args: argparse.Namespace, encoder: Any) -> Any:
         options["colbert_dtype"] = args.colbert_dtype
     if getattr(args, "colbert_pool_factor", None):
         options["colbert_pool_factor"] = args.colbert_pool_factor
+    if getattr(args, "store_colbert", None) is False:
+        options["store_colbert"] = False
     if getattr(args, "candidate_depth", None):
         options["candidate_depth"] = args.candidate_depth
     return connect(args.uri, args.collection, encoder, **options)

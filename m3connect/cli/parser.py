@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ColBERT storage of a new collection (default float32; an existing one keeps its own)")
     p.add_argument("--colbert-pool-factor", type=int, default=None,
                    help="token pooling at ingestion: keep 1/N of each document's ColBERT vectors (default 1)")
+    p.add_argument("--no-colbert", dest="store_colbert", action="store_false", default=None,
+                   help="a new collection keeps no ColBERT vectors (searches then use dense + sparse)")
     p.add_argument("--resume", dest="resume", action="store_true", default=True,
                    help="skip ids already stored (default)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="re-encode and overwrite stored ids")
@@ -90,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", metavar="QUERY")
     p.add_argument("--uri", default=uri_default, help=uri_help)
     p.add_argument("-k", type=int, default=10, help="number of hits (default: 10)")
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS_ARG,
-                   help=f"dense,sparse,colbert (default: {DEFAULT_WEIGHTS_ARG})")
+    p.add_argument("--weights", default=None,
+                   help=f"dense,sparse,colbert (default: {DEFAULT_WEIGHTS_ARG}; "
+                        "without ColBERT on a collection that keeps none)")
     p.add_argument("--filter", default=None, help='metadata filter as JSON, e.g. \'{"lang": "en"}\'')
     p.add_argument("--fusion", default="exact", choices=["exact", "engine", "rrf"])
     p.add_argument("--candidate-depth", type=int, default=None, help="candidates per route (default: max(100, 10k))")

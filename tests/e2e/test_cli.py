@@ -206,6 +206,21 @@ def test_milvus_lite(capsys, tmp_path, model, sample_jsonl):
     assert _info(capsys, uri, "docs")["count"] == 40
 
 
+def test_a_collection_without_colbert(capsys, tmp_path, model, sample_jsonl):
+    """``ingest --no-colbert``: searches default to dense + sparse; asking for ColBERT is one line."""
+    base = ["--uri", f"qdrant://{tmp_path}/q", "--collection", "docs", "--model", model]
+    rc, out, err = run(capsys, "ingest", str(sample_jsonl), *base, "--no-colbert")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "search", "vector database", *base, "--json", "-k", "3")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["weights"] == [0.4, 0.2, 0.0] and len(result["hits"]) == 3
+    assert all(set(h["scores"]) == {"dense", "sparse"} for h in result["hits"])
+    assert _info(capsys, f"qdrant://{tmp_path}/q", "docs")["spec"]["store_colbert"] is False
+    rc, out, err = run(capsys, "search", "vector database", *base, "--weights", "0.4,0.2,0.4")
+    assert rc != 0 and "store_colbert=False" in err and len(err.strip().splitlines()) == 1
+
+
 def test_model_default_comes_from_env(capsys, tmp_path, model, sample_jsonl, monkeypatch):
     monkeypatch.setenv("M3_MODEL", model)
     uri = f"qdrant://{tmp_path}/q"

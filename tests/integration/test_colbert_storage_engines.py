@@ -125,3 +125,35 @@ def test_reopen_with_other_colbert_storage_is_refused(store_factory, encoder) ->
     for j, rid in enumerate(IDS[3:5]):
         np.testing.assert_allclose(got[rid].colbert, stored_form(out.colbert[j], again.spec), rtol=0,
                                    atol=_atol(store_factory.engine, dtype))
+
+
+def test_a_collection_without_colbert(store_factory, encoder) -> None:
+    """``store_colbert=False``: nothing of ColBERT is kept; default searches use dense and
+    sparse with exact scores; a ColBERT weight, or reopening with ColBERT, is refused."""
+    store = store_factory(store_colbert=False)
+    store.add(TEXTS, ids=IDS)
+    assert store.spec.store_colbert is False and store.count() == len(IDS)
+    stored = store.adapter.fetch(IDS[:3])
+    assert all(rec.colbert is not None and len(rec.colbert) == 0 for rec in stored.values())
+    docs = encoder.encode(TEXTS)
+    q = encoder.encode_one(QUERIES[0])
+    want = sorted(((scoring.combine(scoring.pair_scores(q, docs.item(i), ("dense", "sparse")), (0.4, 0.2, 0)), rid)
+                   for i, rid in enumerate(IDS)), key=lambda t: (-t[0], t[1]))
+    for fusion in ("exact", "engine", "rrf"):
+        hits = store.search(QUERIES[0], k=5, fusion=fusion)  # the default weights, without ColBERT
+        assert len(hits) == 5 and all(set(h.scores) == {"dense", "sparse"} for h in hits), fusion
+    hits = store.search(QUERIES[0], k=5)
+    assert [h.id for h in hits] == [rid for _, rid in want[:5]]
+    assert [h.score for h in hits] == pytest.approx([s for s, _ in want[:5]], abs=1e-4)
+    for weights in [(0.4, 0.2, 0.4), (0, 0, 1)]:
+        with pytest.raises(m3connect.InvalidInputError, match="store_colbert=False"):
+            store.search(QUERIES[0], weights=weights)
+    with pytest.raises(m3connect.InvalidInputError, match="store_colbert=False"):
+        store.search(QUERIES[0], weights=(1, 0, 0), candidate_routes=["colbert"])
+    if store_factory.engine == "qdrant-memory":
+        return  # an in-memory Qdrant is gone once closed
+    store.close()
+    with pytest.raises(m3connect.SchemaMismatchError, match="store_colbert=True"):
+        store_factory(store_colbert=True)
+    again = store_factory()  # left out: the stored choice
+    assert again.spec.store_colbert is False and again.count() == len(IDS)
