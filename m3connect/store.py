@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from tqdm.auto import tqdm
 
@@ -376,6 +376,7 @@ class M3Store:
         fusion: Fusion = "exact",
         candidate_depth: int | None = None,
         candidate_routes: Sequence[str] | None = None,
+        reencode_colbert: bool = False,
     ) -> list[Hit]:
         """Hybrid search with M3's weighted fusion.
 
@@ -392,13 +393,16 @@ class M3Store:
             candidate_depth: candidates per route (default ``max(100, 10*k)``).
             candidate_routes: routes that generate candidates for exact fusion; default
                 dense and sparse (as in the paper), ColBERT only when the dense weight is 0.
+            reencode_colbert: on a collection created with ``store_colbert=False``, score
+                ColBERT anyway by encoding the candidates' stored texts again (exact fusion
+                only; an encoder pass over ~100 texts per search).
         """
         _check_text(query, "query", True)
         encoder = self._require_encoder()
         q = encoder.encode_one(query, max_length=self.query_max_length or self.max_length)
         return self.search_by_vectors(
             q, k=k, weights=weights, filter=filter, fusion=fusion,
-            candidate_depth=candidate_depth, candidate_routes=candidate_routes,
+            candidate_depth=candidate_depth, candidate_routes=candidate_routes, reencode_colbert=reencode_colbert,
         )
 
     def search_by_vectors(
@@ -411,6 +415,7 @@ class M3Store:
         fusion: Fusion = "exact",
         candidate_depth: int | None = None,
         candidate_routes: Sequence[str] | None = None,
+        reencode_colbert: bool = False,
     ) -> list[Hit]:
         """:meth:`search` with precomputed query representations (``encoder.encode_one``)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -428,13 +433,23 @@ class M3Store:
         depth = candidate_depth or self.candidate_depth or max(100, 10 * k)
         depth = min(max(depth, k), _MAX_K)
         adapter = self._reader()
-        if not self.spec.store_colbert:
+        if reencode_colbert is not False and (reencode_colbert is not True or self.spec.store_colbert):
+            raise InvalidInputError(
+                "reencode_colbert=True is for a collection created with store_colbert=False; "
+                f"collection {self.collection!r} stores its ColBERT vectors"
+                if reencode_colbert is True else f"reencode_colbert must be True or False, got {reencode_colbert!r}"
+            )
+        if reencode_colbert:
+            adapter = self._reencoding(adapter, w, fusion, candidate_routes)
+        elif not self.spec.store_colbert:
             if weights is DEFAULT_WEIGHTS:  # the default without its ColBERT part
                 w = scoring.validate_weights((DEFAULT_WEIGHTS[0], DEFAULT_WEIGHTS[1], 0.0))
             elif w.colbert > 0 or "colbert" in (candidate_routes or ()):
                 raise InvalidInputError(
                     f"collection {self.collection!r} stores no ColBERT vectors (store_colbert=False): search "
-                    f"with weights without a ColBERT part, e.g. (0.4, 0.2, 0), not {tuple(w)}"
+                    f"with weights without a ColBERT part, e.g. (0.4, 0.2, 0), not {tuple(w)}; or pass "
+                    "reencode_colbert=True to score ColBERT by encoding the candidates' texts (costs an encoder "
+                    "pass per search)"
                 )
         try:
             q = Vectors.of(query)
@@ -454,6 +469,20 @@ class M3Store:
                    adapter.engine, adapter.collection, fusion, k, depth, stats.candidates, stats.score_calls,
                    stats.pruned, 1000 * (time.perf_counter() - t0))
         return hits
+
+    def _reencoding(
+        self, adapter: Adapter, weights: scoring.Weights, fusion: str, routes: Sequence[str] | None
+    ) -> Adapter:
+        """``adapter`` seen through :class:`_ReencodedColBERT`, after checking the search can use it."""
+        if fusion != "exact":
+            raise InvalidInputError("reencode_colbert=True needs fusion='exact' (the engine holds no ColBERT)")
+        if "colbert" in _fusion.candidate_routes(weights, routes):
+            raise InvalidInputError(
+                "reencode_colbert=True: ColBERT cannot generate candidates in a collection without it; "
+                "pass candidate_routes=['dense', 'sparse']"
+            )
+        view = _ReencodedColBERT(adapter, self._require_encoder(), self.max_length)
+        return cast("Adapter", view)  # the same calls; only score() differs
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -612,6 +641,36 @@ def connect(
         raise
     return M3Store(adapter, encoder, candidate_depth=candidate_depth, max_length=max_length,
                    query_max_length=query_max_length, lock=_lock_for(location))
+
+
+class _ReencodedColBERT:
+    """An adapter whose ColBERT scores come from encoding the documents' stored texts again.
+
+    ``search(..., reencode_colbert=True)`` on a collection created with ``store_colbert=False``:
+    the candidates' texts are fetched and encoded (ColBERT output only, at the store's
+    ``max_length``) and MaxSim runs here; every other call goes to the adapter.
+    """
+
+    def __init__(self, adapter: Adapter, encoder: Encoder, max_length: int | None) -> None:
+        self._adapter, self._encoder, self._max_length = adapter, encoder, max_length
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
+
+    def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[str]) -> dict[str, dict[str, float]]:
+        others = [r for r in routes if r != "colbert"]
+        out = self._adapter.score(ids, query, others) if others else {}  # type: ignore[arg-type]
+        if "colbert" not in routes:
+            return out
+        found = self._adapter.fetch(ids, fields=())
+        present = [rid for rid in dict.fromkeys(ids) if rid in found and (not others or rid in out)]
+        encoded = self._encoder.encode(
+            [found[rid].text for rid in present], max_length=self._max_length, return_dense=False,
+            return_sparse=False, show_progress=False,
+        )
+        assert encoded.colbert is not None and query.colbert is not None  # asked for; checked by fusion
+        return {rid: {**out.get(rid, {}), "colbert": scoring.colbert_score(query.colbert, m)}
+                for rid, m in zip(present, encoded.colbert)}
 
 
 _STORAGE_FIELDS = ("colbert_dtype", "colbert_pool_factor", "store_colbert")

@@ -149,7 +149,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     flt = _parse_filter(args.filter)
     encoder = _load_encoder(args)
     with _connect(args, encoder) as store:
-        hits = store.search(args.query, k=args.k, weights=weights, filter=flt, fusion=args.fusion)
+        hits = store.search(args.query, k=args.k, weights=weights, filter=flt, fusion=args.fusion,
+                            reencode_colbert=args.reencode_colbert)
         weights = store.last_query_stats.weights  # the weights used (a store without ColBERT drops its part)
     if args.json:
         out = {

@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "without ColBERT on a collection that keeps none)")
     p.add_argument("--filter", default=None, help='metadata filter as JSON, e.g. \'{"lang": "en"}\'')
     p.add_argument("--fusion", default="exact", choices=["exact", "engine", "rrf"])
+    p.add_argument("--reencode-colbert", action="store_true",
+                   help="a collection kept without ColBERT (--no-colbert): score ColBERT by encoding the "
+                        "candidates' texts again (exact fusion; an encoder pass per search)")
     p.add_argument("--candidate-depth", type=int, default=None, help="candidates per route (default: max(100, 10k))")
     p.add_argument("--width", type=int, default=60, help="text snippet width in the table (default: 60)")
     p.add_argument("--json", action="store_true", help="print the hits as JSON")

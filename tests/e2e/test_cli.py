@@ -219,6 +219,11 @@ def test_a_collection_without_colbert(capsys, tmp_path, model, sample_jsonl):
     assert _info(capsys, f"qdrant://{tmp_path}/q", "docs")["spec"]["store_colbert"] is False
     rc, out, err = run(capsys, "search", "vector database", *base, "--weights", "0.4,0.2,0.4")
     assert rc != 0 and "store_colbert=False" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = run(capsys, "search", "vector database", *base, "--reencode-colbert", "--json", "-k", "3")
+    assert rc == 0, err
+    result = json.loads(out)
+    assert result["weights"] == [0.4, 0.2, 0.4]
+    assert all(set(h["scores"]) == {"dense", "sparse", "colbert"} for h in result["hits"])
 
 
 def test_model_default_comes_from_env(capsys, tmp_path, model, sample_jsonl, monkeypatch):

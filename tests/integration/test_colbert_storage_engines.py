@@ -157,3 +157,33 @@ def test_a_collection_without_colbert(store_factory, encoder) -> None:
         store_factory(store_colbert=True)
     again = store_factory()  # left out: the stored choice
     assert again.spec.store_colbert is False and again.count() == len(IDS)
+
+
+def test_reencoded_colbert_on_a_collection_without_it(store_factory, encoder) -> None:
+    """``reencode_colbert=True``: ColBERT scored by encoding the candidates' texts again, so a
+    collection that keeps none still answers M3's full formula exactly (here every document is a
+    candidate, so the ranking is the brute-force one)."""
+    store = store_factory(store_colbert=False)
+    store.add(TEXTS, ids=IDS)
+    docs = encoder.encode(TEXTS)
+    q = encoder.encode_one(QUERIES[1])
+    want = sorted(((scoring.combine(scoring.pair_scores(q, docs.item(i)), (0.4, 0.2, 0.4)), rid)
+                   for i, rid in enumerate(IDS)), key=lambda t: (-t[0], t[1]))
+    hits = store.search(QUERIES[1], k=5, reencode_colbert=True)  # default weights, ColBERT included
+    assert [h.id for h in hits] == [rid for _, rid in want[:5]]
+    assert [h.score for h in hits] == pytest.approx([s for s, _ in want[:5]], abs=1e-4)
+    assert all(set(h.scores) == {"dense", "sparse", "colbert"} for h in hits)
+    with pytest.raises(m3connect.InvalidInputError, match="fusion='exact'"):
+        store.search(QUERIES[1], reencode_colbert=True, fusion="engine")
+    with pytest.raises(m3connect.InvalidInputError, match="candidate_routes"):
+        store.search(QUERIES[1], weights=(0, 0, 1), reencode_colbert=True)
+    assert store.search(QUERIES[1], k=3, weights=(0, 0, 1), reencode_colbert=True,
+                        candidate_routes=["dense", "sparse"])[0].id == max(
+        IDS, key=lambda rid: scoring.colbert_score(q.colbert, docs.colbert[IDS.index(rid)]))
+
+
+def test_reencode_colbert_is_refused_where_colbert_is_stored(store_factory) -> None:
+    store = store_factory()
+    store.add(TEXTS[:3], ids=IDS[:3])
+    with pytest.raises(m3connect.InvalidInputError, match="store_colbert=False"):
+        store.search(QUERIES[0], reencode_colbert=True)
