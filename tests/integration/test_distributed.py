@@ -199,6 +199,21 @@ def test_token_pooling_and_storage_checks_on_ray(ray_local, encoder, tiny_checkp
     assert (again.written, again.skipped, again.count) == (0, len(docs), len(docs))
 
 
+def test_a_collection_without_colbert_on_ray(ray_local, tiny_checkpoint, tmp_path) -> None:
+    docs = _corpus()[:12]
+    uri = f"qdrant:///{tmp_path}/ray"
+    report = ingest(docs, uri=uri, collection="c", store_colbert=False, **_options(tiny_checkpoint))
+    assert report.written == len(docs)
+    with pytest.raises(m3connect.SchemaMismatchError, match="store_colbert"):
+        ingest(docs[:2], uri=uri, collection="c", store_colbert=True, **_options(tiny_checkpoint))
+    store = m3connect.connect(uri, "c")
+    try:
+        assert store.spec.store_colbert is False and store.count() == len(docs)
+        assert all(len(r.colbert) == 0 for r in store.adapter.fetch(_ids(docs)).values())
+    finally:
+        store.close()
+
+
 def test_cli_ray_options_need_ray(tmp_path, capsys) -> None:
     corpus = tmp_path / "c.jsonl"
     corpus.write_text('{"text": "x"}\n')
