@@ -25,16 +25,14 @@ from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
 from .base import (
-    Adapter,
     Candidate,
     CollectionSpec,
     FusionMethod,
     Record,
-    RecordCandidate,
     RouteScores,
     one_line,
 )
-from .qdrant_common import point_id, record_of
+from .qdrant_common import QdrantFamily, point_id, record_of
 
 try:
     from qdrant_client import QdrantClient, models
@@ -91,7 +89,7 @@ def _usable(route: str, query: Vectors) -> bool:
     return value is not None and len(value) > 0
 
 
-class QdrantAdapter(Adapter):
+class QdrantAdapter(QdrantFamily):
     engine = "qdrant"
     max_batch_bytes = 24 * 1024 * 1024  # a server's default request limit is 32 MB
     supports_engine_fusion = True
@@ -177,11 +175,6 @@ class QdrantAdapter(Adapter):
             return np.asarray(colbert, np.float16).astype(np.float32)
         return np.asarray(colbert, np.float32)
 
-    @property
-    def _no_colbert(self) -> np.ndarray:
-        """What a point stored without a ColBERT multivector (an empty matrix) reads back as."""
-        return np.zeros((0, self.spec.colbert_dim if self.spec else 0), np.float32)
-
     def upsert(self, records: Sequence[Record]) -> None:
         points = []
         for r in records:
@@ -245,7 +238,7 @@ class QdrantAdapter(Adapter):
                     sparse = cast(models.SparseVector, vec["sparse"])
                     rec.sparse = dict(zip(sparse.indices, sparse.values))
                 if "colbert" in names:
-                    rec.colbert = np.asarray(vec.get("colbert", self._no_colbert), np.float32)
+                    rec.colbert = self._stored_colbert_of(vec)
                 out[rec.id] = rec
         return out
 
@@ -277,15 +270,6 @@ class QdrantAdapter(Adapter):
             with_payload=payload,
         )
         return [(p.payload or {}, float(p.score) * scale) for p in points]
-
-    def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
-        return [(payload["doc_id"], s) for payload, s in self._route_points(route, query, k, flt, ["doc_id"])]
-
-    def search_route_records(
-        self, route: Route, query: Any, k: int, flt: FilterNode | None
-    ) -> list[RecordCandidate]:
-        hits = self._route_points(route, query, k, flt, True)
-        return [(rec.id, s, rec) for payload, s in hits for rec in [record_of(payload)]]
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Per-route scores of ``ids`` from ``query_points`` restricted to them (``HasIdCondition``).

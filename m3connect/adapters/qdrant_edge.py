@@ -43,8 +43,8 @@ from ..filters import And, Cmp, Eq, FilterNode, In, Or, float_comparable
 from ..fusion import candidate_routes
 from ..scoring import Weights
 from ..types import ROUTES, Route, Vectors
-from .base import Adapter, Candidate, CollectionSpec, FusionMethod, Record, RecordCandidate, RouteScores
-from .qdrant_common import point_id, record_of
+from .base import Candidate, CollectionSpec, FusionMethod, Record, RouteScores
+from .qdrant_common import QdrantFamily, point_id, record_of
 
 try:
     import qdrant_edge as qe
@@ -211,7 +211,7 @@ def _usable(route: str, query: Vectors) -> bool:
     return value is not None and len(value) > 0
 
 
-class QdrantEdgeAdapter(Adapter):
+class QdrantEdgeAdapter(QdrantFamily):
     """One Qdrant Edge shard per collection under the URI's directory."""
 
     engine = "qdrant"
@@ -345,11 +345,6 @@ class QdrantEdgeAdapter(Adapter):
 
     # -- data -------------------------------------------------------------------------------
 
-    @property
-    def _no_colbert(self) -> np.ndarray:
-        """What a point stored without a ColBERT multivector (an empty matrix) reads back as."""
-        return np.zeros((0, self.spec.colbert_dim if self.spec else 0), np.float32)
-
     def upsert(self, records: Sequence[Record]) -> None:
         points = []
         for r in records:
@@ -415,7 +410,7 @@ class QdrantEdgeAdapter(Adapter):
                 sparse = vec["sparse"]
                 rec.sparse = dict(zip(sparse.indices, sparse.values))
             if "colbert" in names:
-                rec.colbert = np.asarray(vec.get("colbert", self._no_colbert), np.float32)
+                rec.colbert = self._stored_colbert_of(vec)
             out[rec.id] = rec
         return out
 
@@ -458,15 +453,6 @@ class QdrantEdgeAdapter(Adapter):
         request = qe.QueryRequest(limit=k, query=self._nearest(route, query), filter=compile_filter(flt),
                                   with_payload=payload)
         return [(p.payload or {}, float(p.score) * scale) for p in self._run(request)]
-
-    def search_route(self, route: Route, query: Any, k: int, flt: FilterNode | None) -> list[Candidate]:
-        return [(payload["doc_id"], s) for payload, s in self._route_points(route, query, k, flt, ["doc_id"])]
-
-    def search_route_records(
-        self, route: Route, query: Any, k: int, flt: FilterNode | None
-    ) -> list[RecordCandidate]:
-        hits = self._route_points(route, query, k, flt, True)
-        return [(rec.id, s, rec) for payload, s in hits for rec in [record_of(payload)]]
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Per-route scores of ``ids`` from queries restricted to them (``HasIdCondition``).
