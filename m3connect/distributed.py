@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 
 from .adapters.base import CollectionSpec
-from .colbert_storage import COLBERT_DTYPES, check_pool_factor
 from .defaults import DEFAULT_MODEL
 from .errors import IngestError, InvalidInputError, M3Error, MissingDependencyError, SchemaMismatchError
 
@@ -620,17 +619,13 @@ def ingest(
     location = parse_uri(uri)
     if location.path == ":memory:":
         raise InvalidInputError("qdrant://:memory: lives inside one process; use qdrant:///abs/dir or a server")
-    storage: dict[str, Any] = {}  # the ColBERT storage options asked for
-    if colbert_dtype is not None:
-        if colbert_dtype not in COLBERT_DTYPES:
-            raise InvalidInputError(f"colbert_dtype must be one of {COLBERT_DTYPES}, got {colbert_dtype!r}")
-        storage["colbert_dtype"] = colbert_dtype
-    if colbert_pool_factor is not None:
-        storage["colbert_pool_factor"] = check_pool_factor(colbert_pool_factor)
-    if store_colbert is not None:
-        if not isinstance(store_colbert, bool):
-            raise InvalidInputError(f"store_colbert must be True or False, got {store_colbert!r}")
-        storage["store_colbert"] = store_colbert
+    storage: dict[str, Any] = {  # the ColBERT storage options asked for
+        name: value
+        for name, value in (("colbert_dtype", colbert_dtype), ("colbert_pool_factor", colbert_pool_factor),
+                            ("store_colbert", store_colbert))
+        if value is not None
+    }
+    CollectionSpec("check", "check", 1, 1, **storage)  # the spec's own errors for bad values, as connect()
     say = log or logger.info
     options = dict(store_options or {})
     fail_ids = frozenset(_fail_ids)

@@ -433,11 +433,12 @@ class M3Store:
         depth = candidate_depth or self.candidate_depth or max(100, 10 * k)
         depth = min(max(depth, k), _MAX_K)
         adapter = self._reader()
-        if reencode_colbert is not False and (reencode_colbert is not True or self.spec.store_colbert):
+        if not isinstance(reencode_colbert, bool):
+            raise InvalidInputError(f"reencode_colbert must be True or False, got {reencode_colbert!r}")
+        if reencode_colbert and self.spec.store_colbert:
             raise InvalidInputError(
                 "reencode_colbert=True is for a collection created with store_colbert=False; "
                 f"collection {self.collection!r} stores its ColBERT vectors"
-                if reencode_colbert is True else f"reencode_colbert must be True or False, got {reencode_colbert!r}"
             )
         if reencode_colbert:
             adapter = self._reencoding(adapter, w, fusion, candidate_routes)
