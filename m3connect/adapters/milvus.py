@@ -661,12 +661,15 @@ class MilvusAdapter(Adapter):
 
     # -- search -----------------------------------------------------------------------------
 
-    def _search(self, field: str, data: list[Any], k: int, expr: str) -> list[Candidate]:
+    def _search_hits(self, field: str, data: list[Any], k: int, expr: str, fields: list[str]) -> list[Any]:
         res = self.client.search(
             self.collection, data=data, anns_field=field, limit=min(k, _QUERY_WINDOW), filter=expr,
-            search_params={"metric_type": "IP"}, output_fields=_OUT,
+            search_params={"metric_type": "IP"}, output_fields=fields,
         )
-        return [(h["id"], float(h["distance"])) for h in res[0]]
+        return list(res[0])
+
+    def _search(self, field: str, data: list[Any], k: int, expr: str) -> list[Candidate]:
+        return [(h["id"], float(h["distance"])) for h in self._search_hits(field, data, k, expr, _OUT)]
 
     @staticmethod
     def _route_data(route: str, query: Any) -> list[Any]:
@@ -688,13 +691,10 @@ class MilvusAdapter(Adapter):
     ) -> list[RecordCandidate]:
         if query is None or len(query) == 0:
             return []
-        res = self.client.search(
-            self.collection, data=self._route_data(route, query), anns_field=self._FIELD[route],
-            limit=min(k, _QUERY_WINDOW), filter=compile_filter(flt), search_params={"metric_type": "IP"},
-            output_fields=["id", "text", "metadata"],
-        )
+        hits = self._search_hits(self._FIELD[route], self._route_data(route, query), k, compile_filter(flt),
+                                 ["id", "text", "metadata"])
         out: list[RecordCandidate] = []
-        for h in res[0]:
+        for h in hits:
             row = h["entity"]
             rec = Record(id=h["id"], text=row["text"], metadata=dict(row["metadata"] or {}))
             out.append((rec.id, float(h["distance"]), rec))

@@ -279,6 +279,12 @@ def _unpos(score: float) -> float:
 # -- encoding -----------------------------------------------------------------------------------
 
 
+def _record(hit: dict[str, Any]) -> Record:
+    """A record (text and metadata, no vectors) from a search hit or ``mget`` doc with ``_source``."""
+    src = hit.get("_source") or {}
+    return Record(id=hit["_id"], text=src.get("text", ""), metadata=src.get("metadata") or {})
+
+
 def _dumps(obj: Any) -> bytes:
     """JSON bytes; numpy arrays become lists (float32 values round-trip exactly)."""
     if _orjson is not None:
@@ -667,7 +673,7 @@ class OpenSearchAdapter(Adapter):
                 if not d.get("found"):
                     continue
                 src = d.get("_source") or {}
-                rec = Record(id=d["_id"], text=src.get("text", ""), metadata=src.get("metadata") or {})
+                rec = _record(d)
                 if "dense" in want:
                     rec.dense = np.asarray(src["dense"], np.float32)
                 if "sparse" in want:
@@ -771,7 +777,7 @@ class OpenSearchAdapter(Adapter):
         filters = self._filters(flt)
         size = min(k, _MAX_WINDOW)
         if route == "dense":
-            hits = self._search({"size": size, "query": self._knn(query, size, filters)})
+            hits = self._search(self._dense_body(query, size, filters))
             return [(h["_id"], _unpos(float(h["_score"]))) for h in hits]
         if route == "sparse":
             should = self._rank_features(query)
@@ -797,15 +803,14 @@ class OpenSearchAdapter(Adapter):
         """The dense route with ``_source`` (text and metadata) in the same request."""
         if route != "dense" or _empty(route, query):
             return super().search_route_records(route, query, k, flt)
-        size = min(k, _MAX_WINDOW)
-        body = {"size": size, "query": self._knn(query, size, self._filters(flt)),
+        body = {**self._dense_body(query, min(k, _MAX_WINDOW), self._filters(flt)),
                 "_source": ["doc_id", "text", "metadata"]}
-        out: list[RecordCandidate] = []
-        for h in self._search(body, filter_path="hits.hits._id,hits.hits._score,hits.hits._source"):
-            src = h.get("_source") or {}
-            rec = Record(id=h["_id"], text=src.get("text", ""), metadata=src.get("metadata") or {})
-            out.append((rec.id, _unpos(float(h["_score"])), rec))
-        return out
+        hits = self._search(body, filter_path="hits.hits._id,hits.hits._score,hits.hits._source")
+        return [(rec.id, _unpos(float(h["_score"])), rec) for h in hits for rec in [_record(h)]]
+
+    def _dense_body(self, query: Any, size: int, filters: list[dict[str, Any]]) -> dict[str, Any]:
+        """The dense route's search: a filtered ``knn`` clause, ``size`` hits."""
+        return {"size": size, "query": self._knn(query, size, filters)}
 
     def score(self, ids: Sequence[str], query: Vectors, routes: Sequence[Route]) -> RouteScores:
         """Exact scores of ``ids`` in the engine: a search (``ids`` query, ``_source: false``)
