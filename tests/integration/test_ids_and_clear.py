@@ -14,6 +14,7 @@ import pytest
 import m3connect
 from m3connect import CollectionSpec, Vectors
 from m3connect.adapters.base import Adapter
+from tests.random_vectors import random_corpus
 
 pytestmark = pytest.mark.integration
 
@@ -22,21 +23,9 @@ N = 2500
 BATCH = 300  # several batches per listing
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def _corpus(n: int, seed: int = 0) -> list[Vectors]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        terms = rng.choice(100, size=int(rng.integers(1, 6)), replace=False)
-        out.append(Vectors(
-            dense=_unit(rng.normal(size=SPEC.dense_dim)),
-            sparse={int(t): float(rng.uniform(0.01, 0.4)) for t in terms},
-            colbert=_unit(rng.normal(size=(int(rng.integers(1, 5)), SPEC.colbert_dim))),
-        ))
-    return out
+    return random_corpus(n, dense_dim=SPEC.dense_dim, colbert_dim=SPEC.colbert_dim, vocab=100, max_terms=6,
+                         max_rows=5, seed=seed)
 
 
 def _filled(store_factory, n: int = N, **kwargs) -> tuple[m3connect.M3Store, list[str], list[Vectors]]:

@@ -8,27 +8,15 @@ import pytest
 
 import m3connect
 from m3connect import CollectionSpec, Vectors, scoring
+from tests.random_vectors import random_corpus
 
 pytestmark = pytest.mark.integration
 
 SPEC = CollectionSpec(model="precomputed-test", fingerprint="v1", dense_dim=16, colbert_dim=8)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
 def _corpus(n: int, seed: int = 0) -> list[Vectors]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        terms = rng.choice(200, size=int(rng.integers(1, 12)), replace=False)
-        out.append(Vectors(
-            dense=_unit(rng.normal(size=16)),
-            sparse={int(t): float(rng.uniform(0.01, 0.4)) for t in terms},
-            colbert=_unit(rng.normal(size=(int(rng.integers(1, 9)), 8))),
-        ))
-    return out
+    return random_corpus(n, dense_dim=16, colbert_dim=8, vocab=200, max_terms=12, max_rows=9, seed=seed)
 
 
 def test_add_vectors_then_exact_search_equals_brute_force(store_factory) -> None:
