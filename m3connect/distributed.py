@@ -609,7 +609,7 @@ def ingest(
         raise_on_failure: raise :class:`IngestError` naming the failed ids (else only report them).
     """
     ray = _ray()
-    from .store import _check_storage, parse_uri
+    from .store import _check_storage, _storage_options, parse_uri
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -619,12 +619,7 @@ def ingest(
     location = parse_uri(uri)
     if location.path == ":memory:":
         raise InvalidInputError("qdrant://:memory: lives inside one process; use qdrant:///abs/dir or a server")
-    storage: dict[str, Any] = {  # the ColBERT storage options asked for
-        name: value
-        for name, value in (("colbert_dtype", colbert_dtype), ("colbert_pool_factor", colbert_pool_factor),
-                            ("store_colbert", store_colbert))
-        if value is not None
-    }
+    storage = _storage_options(colbert_dtype, colbert_pool_factor, store_colbert)
     CollectionSpec("check", "check", 1, 1, **storage)  # the spec's own errors for bad values, as connect()
     say = log or logger.info
     options = dict(store_options or {})

@@ -581,12 +581,7 @@ def connect(
         location = location_of_client(uri)
         options = {**options, "client": uri}
         uri = f"{location.engine} client"
-    storage: dict[str, Any] = {
-        name: value
-        for name, value in (("colbert_dtype", colbert_dtype), ("colbert_pool_factor", colbert_pool_factor),
-                            ("store_colbert", store_colbert))
-        if value is not None
-    }
+    storage = _storage_options(colbert_dtype, colbert_pool_factor, store_colbert)
     if encoder is not None:
         if spec is not None:
             raise InvalidInputError("pass either encoder= or spec=, not both: the encoder defines the spec")
@@ -672,6 +667,15 @@ class _ReencodedColBERT:
         assert encoded.colbert is not None and query.colbert is not None  # asked for; checked by fusion
         return {rid: {**out.get(rid, {}), "colbert": scoring.colbert_score(query.colbert, m)}
                 for rid, m in zip(present, encoded.colbert)}
+
+
+def _storage_options(
+    colbert_dtype: str | None, colbert_pool_factor: int | None, store_colbert: bool | None
+) -> dict[str, Any]:
+    """The ColBERT storage options a caller gave (``None``: left to the collection or the default)."""
+    given = (("colbert_dtype", colbert_dtype), ("colbert_pool_factor", colbert_pool_factor),
+             ("store_colbert", store_colbert))
+    return {name: value for name, value in given if value is not None}
 
 
 _STORAGE_FIELDS = ("colbert_dtype", "colbert_pool_factor", "store_colbert")
